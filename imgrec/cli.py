@@ -1,0 +1,168 @@
+"""The `imgrec` command line: ingest, index, search, stats. Heavy modules are imported only by the command that
+needs them, so `imgrec --help` and `imgrec stats` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from imgrec.config import DISTANCES, MEASURES, Config
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> Config:
+    overrides = {k: v for k, v in extra.items() if v is not None}
+    return Config.load(args.lake, **overrides)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import ingest
+
+    cfg = _config(args, model=args.model, workers=args.workers, batch_size=args.batch_size, device=args.device,
+                  commit_every=args.commit_every)
+    report = ingest(args.roots, cfg, progress=not args.quiet and sys.stderr.isatty() or args.progress,
+                    build_index=not args.no_index)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(report.summary())
+    return 130 if report.interrupted else 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from pipelines.index import build_indexes
+
+    meta = build_indexes(_config(args), force=args.force, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps({k: meta[k] for k in ("snapshot", "count", "build_seconds")}))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from imgrec.search import Engine
+
+    cfg = _config(args, device=args.device)
+    engine = Engine(cfg)
+    resp = engine.search(
+        args.images, measure=args.measure, k=args.k, distance=args.distance, threshold=args.threshold,
+        collections=args.collection, folders=args.folder, exclude_query=args.exclude_query,
+    )
+    if args.json:
+        out = resp.to_json()
+        out["results"] = [{k: r[k] for k in ("image_id", "path", "score", "scores", "rank", "label")}
+                          for r in out["results"]]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{resp.measure} ({resp.distance}), {len(resp.results)} results from {resp.candidates} candidates, "
+          f"{resp.timings_ms['total']:.1f} ms")
+    for r in resp.results:
+        per = " ".join(f"{m}={v:.3f}" for m, v in r.scores.items())
+        print(f"{r.rank:>3}  {r.score:.4f}  [{per}]  {r.path}")
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in resp.timings_ms.items() if k != "total")
+    print(f"stages (ms): {stages}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from imgrec.lake import Lake
+
+    lake = Lake(_config(args).lake)
+    conn = lake.connect()
+    try:
+        per = conn.sql(
+            "SELECT collection, any_value(root), count(*) AS n, sum(size_bytes) FROM images "
+            "JOIN collections USING (collection) GROUP BY collection ORDER BY collection")
+        skipped = [{"path": p, "reason": r} for p, r in conn.sql(
+            "SELECT path, reason FROM skipped ORDER BY path")]
+        n = conn.count()
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps({
+            "lake": str(lake.root), "snapshot": lake.snapshot(), "images": n,
+            "collections": [{"collection": c, "root": root, "images": k, "bytes": int(b or 0)}
+                            for c, root, k, b in per],
+            "skipped": skipped,
+        }, indent=1))
+        return 0
+    if not lake.exists:
+        print(f"{lake.root}: no lake yet; run: imgrec ingest FOLDER --lake {lake.root}")
+        return 0
+    print(f"lake {lake.root}, snapshot {lake.snapshot()}: {n} searchable images")
+    for c, root, k, b in per:
+        print(f"  {c}: {k} images, {int(b or 0) / 1e6:.1f} MB  ({root})")
+    print(f"skipped files: {len(skipped)}")
+    for s in skipped[:50]:
+        print(f"  {s['path']}: {s['reason']}")
+    if len(skipped) > 50:
+        print(f"  ... and {len(skipped) - 50} more (--json lists all)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgrec", description="Content-based image search over a Parquet lake.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def lake_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--lake", help="lake folder (default: $IMGREC_LAKE, else data/lake)")
+
+    sp = sub.add_parser("ingest", help="add or update folders of images in the lake (incremental, resumable)")
+    sp.add_argument("roots", nargs="+", metavar="ROOT", help="folder(s) of images, walked recursively")
+    lake_arg(sp)
+    sp.add_argument("--model", help="embedding model for a new lake (default efficientnet-lite0)")
+    sp.add_argument("--workers", type=int, help="decoding processes (default: number of cores, at most 4)")
+    sp.add_argument("--batch-size", type=int, help="embedding batch size (default 32)")
+    sp.add_argument("--device", help="auto, cpu or cuda")
+    sp.add_argument("--commit-every", type=int, help="images per atomic commit (default 512)")
+    sp.add_argument("--no-index", action="store_true", help="do not rebuild the search index at the end")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.set_defaults(func=cmd_ingest)
+
+    sp = sub.add_parser("index", help="build the search index of the lake's current snapshot")
+    lake_arg(sp)
+    sp.add_argument("--force", action="store_true", help="rebuild even if the index is current")
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("search", help="the most similar images to 1 to 5 query images")
+    sp.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or id:N for an image of the lake")
+    lake_arg(sp)
+    sp.add_argument("--measure", choices=MEASURES, default="mix")
+    sp.add_argument("--distance", help="; ".join(f"{m}: {', '.join(d)}" for m, d in DISTANCES.items()))
+    sp.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    sp.add_argument("--threshold", type=float, help="range query: every image scoring at least this (0..1)")
+    sp.add_argument("--collection", action="append", help="only this collection (repeatable)")
+    sp.add_argument("--folder", action="append", help="only this folder and its sub-folders (repeatable)")
+    sp.add_argument("--exclude-query", action="store_true", help="leave the query images out of the results")
+    sp.add_argument("--device", help="auto, cpu or cuda")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("stats", help="counts per collection and the skipped files with their reasons")
+    lake_arg(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from imgrec.imaging import ImageError
+    from imgrec.lake import LakeError
+
+    try:
+        return int(args.func(args) or 0)
+    except (LakeError, ImageError, NotADirectoryError, FileNotFoundError) as exc:
+        print(f"imgrec: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # QueryError and other input errors
+        print(f"imgrec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgrec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The one configuration object shared by the CLI, the pipelines and the app."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_LAKE = Path("data") / "lake"
+LAKE_ENV = "IMGREC_LAKE"
+
+MEASURES = ("color", "hash", "embedding", "mix")
+MAX_QUERY_IMAGES = 5
+DISTANCES = {
+    "color": ("hellinger", "chi2", "intersection", "emd"),
+    "hash": ("phash+dhash", "phash", "dhash"),
+    "embedding": ("cosine", "euclidean", "manhattan"),
+    "mix": ("fused",),
+}
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def resolve_lake(lake: str | os.PathLike[str] | None = None) -> Path:
+    """`--lake` if given, else `$IMGREC_LAKE`, else `data/lake` (relative to the working directory)."""
+    chosen = lake if lake not in (None, "") else os.environ.get(LAKE_ENV) or DEFAULT_LAKE
+    return Path(chosen).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every tunable of imgrec in one place; `Config.load()` applies the lake resolution rule."""
+
+    lake: Path = field(default_factory=resolve_lake)
+    # embedding model
+    model: str = "efficientnet-lite0"
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    batch_size: int = 32
+    # ingestion
+    workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    commit_every: int = 512  # images per atomic commit (what a kill -9 can lose at most)
+    thumb_size: int = 256
+    max_pixels: int = 180_000_000  # larger declared images are refused (decompression bombs)
+    max_upload_bytes: int = 50 * 1024 * 1024
+    # colour histogram: HSV bins (hue, saturation, value)
+    color_bins: tuple[int, int, int] = (8, 4, 4)
+    # search
+    candidates: int = 128  # per query image and measure, before the exact re-rank
+    hnsw_connectivity: int = 16
+    hnsw_expansion_add: int = 128
+    hnsw_expansion_search: int = 256
+    exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
+    mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.6), ("color", 0.25), ("hash", 0.15))
+    softmin_tau: float = 0.05  # temperature of the multi-image soft minimum
+
+    @classmethod
+    def load(cls, lake: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
+        return cls(lake=resolve_lake(lake), **overrides)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> Config:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self.mix_weights)

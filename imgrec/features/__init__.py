@@ -1,0 +1,1 @@
+"""Feature extractors: colour histogram, perceptual hashes, deep embedding."""

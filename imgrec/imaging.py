@@ -1,0 +1,98 @@
+"""Decoding image bytes into an oriented RGB picture, with clear errors for what cannot be read."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """A file or upload that is not a usable image; the message says why, in words for a person."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied, possibly reduced (JPEG draft) for speed
+    width: int  # of the oriented original
+    height: int
+    format: str
+    mode: str  # the file's own colour mode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):  # transparency: composite over white
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None = 256) -> Decoded:
+    """Decode bytes to RGB with EXIF orientation applied; only the first frame of animations is used.
+
+    ``min_side`` lets JPEGs decode at a reduced scale (DCT draft mode) while keeping at least that many pixels on
+    each side; ``None`` decodes at full size. Raises ImageError with the reason.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or "unknown"
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"too many pixels: {w}x{h} is over the limit of {max_pixels:,}")
+            mode = img.mode
+            if fmt == "JPEG" and min_side:
+                img.draft("RGB", (min_side, min_side))
+            img.seek(0)
+            img.load()
+            orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"decompression bomb refused: {exc}") from exc
+    except Image.DecompressionBombWarning as exc:
+        raise ImageError(f"decompression bomb refused: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError("not an image, or a format imgrec cannot read") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise ImageError(f"corrupt or truncated image: {exc}") from exc
+    except MemoryError as exc:
+        raise ImageError("image too large to decode in memory") from exc
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageError("image has no pixels")
+    return Decoded(image=rgb, width=w, height=h, format=fmt, mode=mode)
+
+
+def thumbnail_jpeg(img: Image.Image, size: int = 256, quality: int = 82) -> bytes:
+    """A JPEG of at most ``size`` px on its longer side, for the UI."""
+    thumb = img.copy()
+    thumb.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=quality, optimize=False)
+    return buf.getvalue()

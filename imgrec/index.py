@@ -1,0 +1,94 @@
+"""Search structures for one snapshot of the lake, opened memory-mapped.
+
+``indexes/snap-<N>/`` holds the image ids (sorted), the features as .npy matrices (embeddings in float16, colour
+histograms, packed hashes), two usearch HNSW graphs (embedding: cosine; colour: L2 over square-rooted histograms,
+which ranks exactly as the Hellinger distance), and ``meta.json`` (snapshot, model, random-pair baselines).
+``indexes/CURRENT`` names the directory in use. An index whose snapshot differs from the lake's is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from imgrec.lake import Lake
+
+
+class StaleIndex(RuntimeError):
+    """The index on disk does not cover the lake's current snapshot (or there is none)."""
+
+
+def index_root(lake: Lake) -> Path:
+    return lake.root / "indexes"
+
+
+def current_dir(lake: Lake) -> Path | None:
+    try:
+        name = (index_root(lake) / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    path = index_root(lake) / name
+    return path if (path / "meta.json").is_file() else None
+
+
+@dataclass
+class IndexSet:
+    path: Path
+    meta: dict[str, Any]
+    ids: NDArray[np.int64]
+    embeddings: NDArray[np.float16]
+    color: NDArray[np.float32]
+    hashes: NDArray[np.uint64]
+
+    @property
+    def snapshot(self) -> int:
+        return int(self.meta["snapshot"])
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def open(cls, lake: Lake, *, expect_snapshot: int | None = None) -> IndexSet:
+        """Open the current index memory-mapped; StaleIndex if it is missing or not of ``expect_snapshot``."""
+        path = current_dir(lake)
+        if path is None:
+            raise StaleIndex(f"no index in {index_root(lake)}; run: imgrec index --lake {lake.root}")
+        meta = json.loads((path / "meta.json").read_text())
+        if expect_snapshot is not None and int(meta["snapshot"]) != expect_snapshot:
+            raise StaleIndex(f"index covers snapshot {meta['snapshot']}, the lake is at {expect_snapshot}")
+
+        def load(name: str) -> np.ndarray:
+            return np.load(path / name, mmap_mode="r") if (path / name).stat().st_size else np.empty(0)
+
+        return cls(path, meta, load("ids.npy"), load("embeddings.npy"), load("color.npy"), load("hashes.npy"))
+
+    @cached_property
+    def embedding_hnsw(self) -> Any:
+        return _restore(self.path / "embedding.usearch")
+
+    @cached_property
+    def color_hnsw(self) -> Any:
+        return _restore(self.path / "color.usearch")
+
+    def rows(self, image_ids: NDArray[np.int64] | list[int]) -> NDArray[np.int64]:
+        """Row positions of image ids (KeyError for ids not in this snapshot)."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids)
+        pos = np.clip(pos, 0, max(self.size - 1, 0))
+        ok = (self.size > 0) & (self.ids[pos] == ids) if self.size else np.zeros(ids.shape, bool)
+        if not np.all(ok):
+            raise KeyError(f"image ids not in the index: {ids[~ok].tolist()[:10]}")
+        return pos.astype(np.int64)
+
+
+def _restore(path: Path) -> Any:
+    from usearch.index import Index
+
+    return Index.restore(str(path), view=True)

@@ -1,0 +1,470 @@
+"""The query engine: 1 to 5 query images in, the most similar images of the lake out, with scores and timings.
+
+Stages (each timed): decode -> features -> candidates (per query image and measure, over the whole collection:
+HNSW for embedding and colour, an exact popcount scan for hashes) -> re-rank (exact similarities of the pooled
+candidates to every query image, normalised and fused for mix, aggregated over query images with a soft minimum)
+-> metadata (DuckDB).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from imgrec import similarity as sim
+from imgrec.config import DISTANCES, MAX_QUERY_IMAGES, MEASURES, Config
+from imgrec.features.embed import spec
+from imgrec.features.extract import decode_side, extract
+from imgrec.index import IndexSet, StaleIndex
+from imgrec.lake import Lake, LakeConnection, LakeError
+
+MAX_RANGE_RESULTS = 1000
+
+
+class QueryError(ValueError):
+    """A query a person must change (bad image, unknown id, too many images, ...)."""
+
+
+class ModelMismatch(LakeError):
+    """The model at hand is not the one the lake's embeddings were made with."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query image: a file, raw bytes (an upload), or an image already in the lake."""
+
+    path: str | None = None
+    data: bytes | None = None
+    image_id: int | None = None
+    name: str = ""
+
+    @classmethod
+    def of(cls, item: Query | str | os.PathLike[str] | bytes | int) -> Query:
+        if isinstance(item, Query):
+            return item
+        if isinstance(item, bool):
+            raise QueryError("a query is a file, image bytes or an image id")
+        if isinstance(item, int | np.integer):
+            return cls(image_id=int(item), name=f"id:{int(item)}")
+        if isinstance(item, bytes | bytearray):
+            return cls(data=bytes(item), name="upload")
+        text = os.fspath(item)
+        if text.startswith("id:") and text[3:].isdigit():
+            return cls(image_id=int(text[3:]), name=text)
+        return cls(path=str(Path(text).expanduser().resolve()), name=Path(text).name)
+
+
+@dataclass
+class QueryFeatures:
+    hist: NDArray[np.float32]
+    hashes: NDArray[np.uint64]  # (2,) phash, dhash
+    emb: NDArray[np.float32] | None
+    image_id: int | None = None
+    content_hash: str | None = None
+
+
+@dataclass
+class Result:
+    image_id: int
+    path: str
+    score: float
+    scores: dict[str, float]
+    rank: int
+    collection: str = ""
+    relpath: str = ""
+    width: int | None = None
+    height: int | None = None
+    label: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResponse:
+    results: list[Result]
+    timings_ms: dict[str, float]
+    measure: str
+    distance: str
+    k: int
+    candidates: int
+    snapshot: int
+    queries: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "results": [r.to_json() for r in self.results], "timings_ms": self.timings_ms,
+            "measure": self.measure, "distance": self.distance, "k": self.k, "candidates": self.candidates,
+            "snapshot": self.snapshot, "queries": self.queries,
+        }
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        t = time.perf_counter()
+        self.ms[stage] = round(self.ms.get(stage, 0.0) + (t - self._t) * 1000.0, 3)
+        self._t = t
+
+
+class Engine:
+    """Search over one lake. Thread-safe; ``refresh()`` picks up a newer snapshot (rebuilding a stale index)."""
+
+    def __init__(self, config: Config | None = None, *, auto_index: bool = True) -> None:
+        self.config = config or Config.load()
+        self.lake = Lake(self.config.lake)
+        self.auto_index = auto_index
+        self._lock = threading.RLock()
+        self._embedder: Any = None
+        self.conn: LakeConnection | None = None
+        self.index: IndexSet | None = None
+        self.open_ms: dict[str, float] = {}
+        self.refresh()
+
+    # --- state -----------------------------------------------------------------------------------------------------
+
+    def refresh(self, auto_index: bool | None = None) -> bool:
+        """Re-open the lake if it has a newer snapshot; returns True if something changed.
+
+        A stale or missing index is rebuilt when ``auto_index`` (default: the engine's setting), else StaleIndex is
+        raised and the engine keeps serving the snapshot it has. The previous DuckDB connection is left to the
+        garbage collector rather than closed, so a search still running on it in another thread finishes.
+        """
+        auto_index = self.auto_index if auto_index is None else auto_index
+        with self._lock:
+            manifest = self.lake.manifest()
+            snap = manifest.snapshot if manifest else -1
+            if self.conn is not None and self.conn.snapshot == snap:
+                return False
+            t = _Timer()
+            index = None
+            if manifest is not None:
+                try:
+                    index = IndexSet.open(self.lake, expect_snapshot=snap)
+                except StaleIndex:
+                    if not auto_index:
+                        raise
+                    from pipelines.index import build_indexes
+
+                    build_indexes(self.config)
+                    index = IndexSet.open(self.lake, expect_snapshot=snap)
+            t.lap("index_open")
+            self.conn, self.index = self.lake.connect(manifest), index
+            t.lap("duckdb")
+            self.open_ms = t.ms
+            return True
+
+    def close(self) -> None:
+        """Release the DuckDB connection (the engine is unusable afterwards)."""
+        with self._lock:
+            if self.conn is not None:
+                self.conn.close()
+            self.conn, self.index = None, None
+
+    @property
+    def size(self) -> int:
+        return self.index.size if self.index else 0
+
+    @property
+    def snapshot(self) -> int:
+        return self.conn.snapshot if self.conn else -1
+
+    def cursor(self) -> Any:
+        """A DuckDB cursor for the calling thread (over the same snapshot)."""
+        if self.conn is None:
+            raise LakeError("the lake is not open")
+        return self.conn.con.cursor()
+
+    def embedder(self) -> Any:
+        """The lake's embedding model, loaded once; refuses a model other than the one the index was built with."""
+        with self._lock:
+            if self._embedder is None:
+                from imgrec.features.embed import Embedder
+
+                if self.index is None:
+                    raise LakeError("the lake is empty: ingest a folder first")
+                recorded = self.index.meta["model"]
+                emb = Embedder(recorded["name"], self.config.device)
+                if emb.checksum != recorded.get("checksum"):
+                    raise ModelMismatch(
+                        f"the installed {recorded['name']} weights (checksum {emb.checksum}) differ from those the "
+                        f"lake was built with ({recorded.get('checksum')}); re-ingest into a new lake"
+                    )
+                self._embedder = emb
+            return self._embedder
+
+    # --- features --------------------------------------------------------------------------------------------------
+
+    def features(self, queries: Sequence[Query], need_embedding: bool, timer: _Timer | None = None
+                 ) -> list[QueryFeatures]:
+        """Features of each query image; stored ones for images of the lake (nothing recomputed)."""
+        timer = timer or _Timer()
+        idx = self._require_index()
+        model = spec(idx.meta["model"]["name"])
+        bins = tuple(idx.meta["color_bins"])
+        side = decode_side(self.lake.manifest().thumb_size if self.lake.manifest() else 256, model)
+        out: list[QueryFeatures] = []
+        crops: list[tuple[int, NDArray[np.uint8]]] = []
+        for q in queries:
+            if q.image_id is not None:
+                try:
+                    row = int(idx.rows([q.image_id])[0])
+                except KeyError:
+                    raise QueryError(f"image id {q.image_id} is not in the lake (removed, or never ingested)") from None
+                out.append(QueryFeatures(np.asarray(idx.color[row]), np.asarray(idx.hashes[row]),
+                                         np.asarray(idx.embeddings[row], dtype=np.float32), q.image_id))
+                continue
+            data = q.data
+            if data is None:
+                try:
+                    data = Path(q.path or "").read_bytes()
+                except OSError as exc:
+                    raise QueryError(f"cannot read {q.path}: {exc.strerror or exc}") from None
+            if len(data) > self.config.max_upload_bytes:
+                raise QueryError(f"{q.name}: {len(data) / 1e6:.0f} MB is over the limit of "
+                                 f"{self.config.max_upload_bytes / 1e6:.0f} MB")
+            from imgrec.imaging import ImageError
+
+            try:
+                f = extract(data, model=model if need_embedding else None, bins=bins, thumb_size=None,
+                            max_pixels=self.config.max_pixels, min_side=side)
+            except ImageError as exc:
+                raise QueryError(f"{q.name or 'query'}: {exc}") from None
+            timer.ms["decode"] = round(timer.ms.get("decode", 0.0) + f.timings["decode"] * 1000, 3)
+            if f.crop is not None:
+                crops.append((len(out), f.crop))
+            out.append(QueryFeatures(f.hist, f.hashes, None, None, f.content_hash))
+        timer.lap("features")
+        if crops and need_embedding:
+            emb, _, _ = self.embedder().embed(np.stack([c for _, c in crops]))
+            for j, (pos, _) in enumerate(crops):
+                out[pos].emb = emb[j]
+        timer.lap("features")
+        if "decode" in timer.ms:
+            timer.ms["features"] = round(max(timer.ms["features"] - timer.ms["decode"], 0.0), 3)
+        return out
+
+    # --- search ----------------------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: Iterable[Query | str | os.PathLike[str] | bytes | int],
+        measure: str = "mix",
+        k: int = 5,
+        *,
+        distance: str | None = None,
+        threshold: float | None = None,
+        collections: Sequence[str] | None = None,
+        folders: Sequence[str] | None = None,
+        exclude_query: bool = False,
+        exclude_ids: Iterable[int] = (),
+        weights: dict[str, float] | None = None,
+        aggregate: str = "softmin",
+    ) -> SearchResponse:
+        """The ``k`` best images (or every image scoring at least ``threshold``) for all query images together."""
+        timer = _Timer()
+        qs = [Query.of(q) for q in queries]
+        if not 1 <= len(qs) <= MAX_QUERY_IMAGES:
+            raise QueryError(f"give 1 to {MAX_QUERY_IMAGES} query images (got {len(qs)})")
+        if measure not in MEASURES:
+            raise QueryError(f"unknown measure {measure!r}: choose one of {', '.join(MEASURES)}")
+        distance = distance or DISTANCES[measure][0]
+        if distance not in DISTANCES[measure]:
+            raise QueryError(f"{measure} offers the distances {', '.join(DISTANCES[measure])}, not {distance!r}")
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        with self._lock:
+            idx, conn_snapshot = self._require_index(), self.snapshot
+        w = {m: v for m, v in (weights or self.config.weights).items() if v > 0}
+        measures = list(w) if measure == "mix" else [measure]
+        dists = {m: (distance if m == measure else DISTANCES[m][0]) for m in ("color", "hash", "embedding")}
+        need_emb = "embedding" in measures
+        timer.lap("setup")
+        feats = self.features(qs, need_emb, timer)
+
+        # candidates
+        excluded = set(int(i) for i in exclude_ids)
+        if exclude_query:
+            excluded |= {f.image_id for f in feats if f.image_id is not None}
+            excluded |= self._ids_with_hashes([f.content_hash for f in feats if f.content_hash])
+        allowed = self._allowed_rows(idx, collections, folders)
+        per_query = max(self.config.candidates, 2 * k, MAX_RANGE_RESULTS if threshold is not None else 0)
+        if allowed is not None and allowed.size <= self.config.exact_filter_limit:
+            pool = allowed
+        else:
+            pool = np.unique(np.concatenate([self._candidates(idx, m, f, per_query, dists[m])
+                                             for f in feats for m in measures]))
+            if allowed is not None:
+                pool = np.intersect1d(pool, allowed, assume_unique=True)
+                if pool.size < k:
+                    pool = allowed
+        if excluded and pool.size:
+            pool = pool[~np.isin(idx.ids[pool], np.fromiter(excluded, dtype=np.int64))]
+        timer.lap("candidates")
+
+        # exact re-rank over the pool
+        available = [m for m in ("embedding", "color", "hash") if m != "embedding" or all(
+            f.emb is not None for f in feats)]
+        S = {m: self._similarities(idx, m, dists[m], feats, pool) for m in available}  # (queries, pool)
+        if measure == "mix":
+            base = idx.meta.get("baselines", {})
+            norm = {m: sim.normalize_to_baseline(S[m], base.get(m, {}).get(dists[m], 0.0)) for m in measures}
+            per_query_score = sim.fuse(norm, w)
+        else:
+            per_query_score = S[measure]
+        score = sim.aggregate(per_query_score, aggregate, self.config.softmin_tau) if pool.size else np.empty(0)
+        order = np.argsort(-score, kind="stable")
+        if threshold is not None:
+            order = order[score[order] >= threshold][:MAX_RANGE_RESULTS]
+        else:
+            order = order[:k]
+        per_measure = {m: sim.aggregate(S[m][:, order], aggregate, self.config.softmin_tau) if order.size
+                       else np.empty(0) for m in available}
+        timer.lap("rerank")
+
+        results = [
+            Result(int(idx.ids[pool[j]]), "", float(score[j]), {m: float(per_measure[m][r]) for m in available}, r + 1)
+            for r, j in enumerate(order)
+        ]
+        self._attach_metadata(results)
+        timer.lap("metadata")
+        timer.ms["total"] = round(sum(v for s, v in timer.ms.items() if s != "total"), 3)
+        return SearchResponse(results, timer.ms, measure, distance if measure != "mix" else "fused", k,
+                              int(pool.size), conn_snapshot, [q.name for q in qs])
+
+    # --- pieces ----------------------------------------------------------------------------------------------------
+
+    def _require_index(self) -> IndexSet:
+        if self.index is None or self.index.size == 0:
+            raise LakeError(f"the lake {self.lake.root} has no images yet: run imgrec ingest FOLDER "
+                            f"--lake {self.lake.root}")
+        return self.index
+
+    def _candidates(self, idx: IndexSet, measure: str, f: QueryFeatures, count: int, distance: str
+                    ) -> NDArray[np.int64]:
+        """Rows of the best ``count`` images for one query image under one measure, over the whole collection."""
+        count = min(count, idx.size)
+        if measure == "hash":
+            d = sim.hamming_distance(f.hashes[_hash_cols(distance)], idx.hashes[:, _hash_cols(distance)])
+            if count >= d.size:
+                return np.arange(d.size, dtype=np.int64)
+            return np.argpartition(d, count - 1)[:count].astype(np.int64)
+        if measure == "color":
+            hnsw, vec = idx.color_hnsw, np.sqrt(f.hist.astype(np.float32))
+            count = min(idx.size, count * (1 if distance == "hellinger" else 4))
+        else:
+            hnsw, vec = idx.embedding_hnsw, f.emb.astype(np.float32)
+        hnsw.expansion_search = max(self.config.hnsw_expansion_search, count)
+        matches = hnsw.search(vec, count)
+        keys = np.asarray(matches.keys, dtype=np.int64)[: len(matches)]
+        return idx.rows(keys)
+
+    @staticmethod
+    def _similarities(idx: IndexSet, measure: str, distance: str, feats: Sequence[QueryFeatures],
+                      pool: NDArray[np.int64]) -> NDArray[np.float32]:
+        if pool.size == 0:
+            return np.empty((len(feats), 0), np.float32)
+        if measure == "embedding":
+            X = np.asarray(idx.embeddings[pool], dtype=np.float32)
+            fn = {"cosine": sim.cosine_similarity, "euclidean": sim.euclidean_distance,
+                  "manhattan": sim.manhattan_distance}[distance]
+            return np.stack([sim.to_similarity("embedding", distance, fn(f.emb, X), dim=X.shape[1]) for f in feats])
+        if measure == "color":
+            X = np.asarray(idx.color[pool], dtype=np.float32)
+            bins = tuple(idx.meta["color_bins"])
+            if distance == "emd":
+                return np.stack([sim.to_similarity("color", distance, sim.emd_distance(f.hist, X, bins))
+                                 for f in feats])
+            fn = sim.HISTOGRAM_DISTANCES[distance]
+            return np.stack([sim.to_similarity("color", distance, fn(f.hist, X)) for f in feats])
+        cols = _hash_cols(distance)
+        X = np.asarray(idx.hashes[pool][:, cols])
+        return np.stack([sim.to_similarity("hash", distance, sim.hamming_distance(f.hashes[cols], X),
+                                           dim=64 * len(cols)) for f in feats])
+
+    def _allowed_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None
+                      ) -> NDArray[np.int64] | None:
+        """Rows passing the metadata filters, selected by DuckDB; None when there is no filter."""
+        if not collections and not folders:
+            return None
+        where, params = [], []
+        if collections:
+            where.append(f"collection IN ({', '.join('?' * len(collections))})")
+            params += list(collections)
+        if folders:
+            where.append("(" + " OR ".join("(folder = ? OR starts_with(folder, ?))" for _ in folders) + ")")
+            for f in folders:
+                f = f.strip("/")
+                params += [f, f + "/"]
+        ids = self.cursor().execute(f"SELECT image_id FROM images WHERE {' AND '.join(where)}", params).fetchnumpy()
+        found = np.asarray(ids["image_id"], dtype=np.int64)
+        found = found[np.isin(found, idx.ids)]
+        return idx.rows(np.sort(found)) if found.size else np.empty(0, np.int64)
+
+    def _ids_with_hashes(self, hashes: list[str]) -> set[int]:
+        if not hashes:
+            return set()
+        rows = self.cursor().execute(
+            f"SELECT image_id FROM images WHERE content_hash IN ({', '.join('?' * len(hashes))})", hashes).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def _attach_metadata(self, results: list[Result]) -> None:
+        if not results:
+            return
+        ids = [r.image_id for r in results]
+        rows = self.cursor().execute(
+            "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label FROM images i "
+            "LEFT JOIN labels l USING (image_id) WHERE i.image_id IN (SELECT unnest(?))", [ids]).fetchall()
+        meta = {r[0]: r for r in rows}
+        for res in results:
+            m = meta.get(res.image_id)
+            if m:
+                res.path, res.collection, res.relpath, res.width, res.height, res.label = m[1:]
+
+    # --- lookups for the app and the CLI -----------------------------------------------------------------------------
+
+    def thumbnails(self, image_ids: Sequence[int]) -> dict[int, bytes]:
+        if not image_ids:
+            return {}
+        rows = self.cursor().execute(
+            "SELECT image_id, thumb FROM thumbnails WHERE image_id IN (SELECT unnest(?))", [list(image_ids)]
+        ).fetchall()
+        return {int(i): bytes(t) for i, t in rows}
+
+    def sample(self, n: int = 24, seed: int = 0) -> list[dict[str, Any]]:
+        """A random sample of images (id, path, label) to browse."""
+        cur = self.cursor()
+        cur.execute(
+            "SELECT i.image_id, i.path, i.relpath, l.label FROM images i LEFT JOIN labels l USING (image_id) "
+            f"USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def _hash_cols(distance: str) -> list[int]:
+    return {"phash+dhash": [0, 1], "phash": [0], "dhash": [1]}[distance]
+
+
+_ENGINES: dict[Path, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def get_engine(config: Config | None = None) -> Engine:
+    """One engine per lake per process (shared by threads and app sessions)."""
+    config = config or Config.load()
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(config.lake)
+        if engine is None:
+            engine = _ENGINES[config.lake] = Engine(config)
+        return engine

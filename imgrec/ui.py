@@ -1,0 +1,219 @@
+"""Shared pieces of the Streamlit pages: which lake, its engine (one per lake per process), the sidebar, and the
+pure helpers that turn what a person uploaded or picked into a search.
+
+Only streamlit is imported here at module level; the engine and its dependencies (numpy, DuckDB, torch) are imported
+inside the functions that need them, so a page that has nothing to show yet starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import streamlit as st
+
+from imgrec.config import MAX_QUERY_IMAGES
+
+if TYPE_CHECKING:
+    from imgrec.search import Engine, Query, SearchResponse
+
+LAKE_KEY = "imgrec_lake"  # session-state key of the sidebar's lake field
+CHOSEN_KEY = "imgrec_lake_chosen"  # the lake chosen in this session; outlives page switches (widget state does not)
+UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MEASURE_HELP = {
+    "color": "colour histograms (HSV): same palette",
+    "hash": "perceptual hashes: near-duplicates, crops, re-encodings",
+    "embedding": "deep embedding (EfficientNet): same kind of content",
+    "mix": "all three, normalised against chance and fused",
+}
+
+
+def ingest_command(lake: Path | str) -> str:
+    return f"imgrec ingest FOLDER --lake {lake}"
+
+
+# --- which lake ---------------------------------------------------------------------------------------------------
+
+
+def default_lake() -> Path:
+    """The lake of the configuration: ``$IMGREC_LAKE``, else ``data/lake`` (see ``imgrec.config.resolve_lake``)."""
+    from imgrec.config import resolve_lake
+
+    return resolve_lake()
+
+
+def lake_path() -> Path:
+    """The lake every page uses: the sidebar's value if the person typed one, else the configured default."""
+    from imgrec.config import resolve_lake
+
+    chosen = st.session_state.get(CHOSEN_KEY)
+    if isinstance(chosen, str) and chosen.strip():
+        return resolve_lake(chosen.strip())
+    return resolve_lake()
+
+
+# --- the engine ---------------------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner="Opening the lake…", max_entries=16)
+def open_engine(lake: str) -> Engine:
+    """One engine per lake path per process, shared by every session (thread-safe).
+
+    A lake that does not exist yet opens as an empty engine (size 0); it is picked up by ``lake_status`` once
+    something has been ingested. Opening a lake whose index is missing or stale builds the index once; later
+    snapshots are only picked up when their index exists (see ``lake_status``), so that an ingestion in progress
+    does not make the app rebuild the index at every commit.
+    """
+    from imgrec.config import Config
+    from imgrec.search import Engine
+
+    engine = Engine(Config.load(lake))
+    engine.auto_index = False  # later snapshots: only once their index exists (lake_status)
+    return engine
+
+
+@dataclass
+class LakeStatus:
+    path: Path
+    engine: Engine | None = None
+    error: str | None = None  # the lake cannot be opened (shown instead of any content)
+    note: str | None = None  # something worth knowing (a newer snapshot waiting for its index)
+
+    @property
+    def exists(self) -> bool:
+        return (self.path / "manifest.json").is_file()
+
+    @property
+    def size(self) -> int:
+        return self.engine.size if self.engine is not None else 0
+
+    @property
+    def snapshot(self) -> int:
+        return self.engine.snapshot if self.engine is not None else -1
+
+
+def _indexed_snapshot(lake: Path) -> int | None:
+    """The snapshot the lake's current search index covers (None if there is none)."""
+    from imgrec.index import current_dir
+    from imgrec.lake import Lake
+
+    try:
+        path = current_dir(Lake(lake))
+        return int(json.loads((path / "meta.json").read_text())["snapshot"]) if path else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def lake_status(lake: Path | None = None) -> LakeStatus:
+    """The engine of ``lake`` (default: ``lake_path()``), moved to the lake's newest searchable snapshot."""
+    from imgrec.index import StaleIndex
+
+    lake = lake or lake_path()
+    status = LakeStatus(lake)
+    try:
+        engine = open_engine(str(lake))
+    except Exception as exc:  # LakeError, a corrupt manifest, a path that is a file, no permission, ...
+        status.error = f"Cannot open the lake {lake}: {exc}"
+        return status
+    try:
+        latest = engine.lake.snapshot()
+        if latest != engine.snapshot:
+            if latest >= 0 and _indexed_snapshot(lake) != latest:
+                raise StaleIndex(latest)
+            engine.refresh(auto_index=False)
+    except StaleIndex:  # keep serving the snapshot at hand
+        status.note = (f"The lake has a newer snapshot whose search index is not built yet (an ingestion still "
+                       f"running?); searching snapshot {engine.snapshot}. If no ingestion is running: "
+                       f"`imgrec index --lake {lake}`.")
+    except Exception as exc:
+        status.error = f"Cannot read the lake {lake}: {exc}"
+        return status
+    status.engine = engine
+    return status
+
+
+# --- the sidebar --------------------------------------------------------------------------------------------------
+
+
+def sidebar() -> LakeStatus:
+    """The lake field and the lake's image count, in the sidebar; returns the lake's status."""
+    if CHOSEN_KEY not in st.session_state:
+        st.session_state[CHOSEN_KEY] = str(default_lake())
+    st.session_state[LAKE_KEY] = st.session_state[CHOSEN_KEY]  # re-seed the field on every page
+
+    def chosen() -> None:
+        st.session_state[CHOSEN_KEY] = st.session_state[LAKE_KEY]
+
+    with st.sidebar:
+        st.text_input(
+            "Lake folder", key=LAKE_KEY, on_change=chosen,
+            help="The Parquet lake to search (default: $IMGREC_LAKE, else data/lake). Build or extend one with "
+                 "`imgrec ingest FOLDER --lake DIR`.",
+        )
+        status = lake_status()
+        if status.error:
+            st.error(status.error)
+        elif not status.exists:
+            st.caption("No lake here yet.")
+        else:
+            st.metric("Images", f"{status.size:,}")
+            st.caption(f"snapshot {status.snapshot}")
+            if status.note:
+                st.caption(status.note)
+    return status
+
+
+def empty_lake_message(status: LakeStatus) -> None:
+    """What to do when there is nothing to search."""
+    where = "There is no lake at" if not status.exists else "The lake has no images yet:"
+    st.info(f"{where} `{status.path}`. Add a folder of images (sub-folders included) with\n\n"
+            f"```\n{ingest_command(status.path)}\n```\n\nthen reload this page. Or point the sidebar's "
+            "*Lake folder* at an existing lake.")
+    if status.note:
+        st.info(status.note)
+
+
+# --- queries ------------------------------------------------------------------------------------------------------
+
+
+def make_queries(uploads: Sequence[tuple[str, bytes]] = (), picked: Sequence[int] = ()) -> list[Query]:
+    """Query images from uploads (name, bytes) and picked image ids; QueryError unless there are 1 to 5."""
+    from imgrec.search import Query, QueryError
+
+    queries = [Query(data=bytes(data), name=name) for name, data in uploads]
+    queries += [Query(image_id=int(i), name=f"id:{int(i)}") for i in picked]
+    if not queries:
+        raise QueryError(f"upload or pick 1 to {MAX_QUERY_IMAGES} query images first")
+    if len(queries) > MAX_QUERY_IMAGES:
+        raise QueryError(f"at most {MAX_QUERY_IMAGES} query images at a time: you gave {len(queries)} "
+                         f"({len(uploads)} uploaded, {len(picked)} picked); remove {len(queries) - MAX_QUERY_IMAGES}")
+    return queries
+
+
+def run_search(engine: Engine, uploads: Sequence[tuple[str, bytes]] = (), picked: Sequence[int] = (),
+               measure: str = "mix", k: int = 5, *, exclude_query: bool = False) -> SearchResponse:
+    """Search for uploaded images and/or images of the lake (QueryError for anything a person must change)."""
+    return engine.search(make_queries(uploads, picked), measure=measure, k=k, exclude_query=exclude_query)
+
+
+def query_thumbnail(data: bytes, size: int = 256) -> bytes | None:
+    """A small JPEG of an uploaded image for showing it next to the results; None if it cannot be decoded."""
+    from imgrec.imaging import ImageError, decode, thumbnail_jpeg
+
+    try:
+        return thumbnail_jpeg(decode(data, min_side=size).image, size)
+    except ImageError:
+        return None
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    """Per-measure scores, embedding first."""
+    order = {"embedding": 0, "color": 1, "hash": 2}
+    return " · ".join(f"{m} {scores[m]:.3f}" for m in sorted(scores, key=lambda m: (order.get(m, 9), m)))
+
+
+def format_timings(timings_ms: dict[str, float]) -> str:
+    return " · ".join(f"{stage} {ms:.1f} ms" for stage, ms in timings_ms.items() if stage != "total")

@@ -1,0 +1,1 @@
+"""Offline jobs that write the lake: ingestion (walk -> extract -> embed -> commit) and index building."""

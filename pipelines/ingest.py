@@ -1,0 +1,430 @@
+"""Ingestion: walk -> read + decode + hand features (worker processes) -> embed (batches) -> commit (atomic parts).
+
+Incremental: a file whose size and modification time are unchanged is not read again; a changed file is re-read, and
+if its bytes are unchanged (only touched) or equal those of a file that disappeared in the same run (moved or
+renamed), it keeps its ``image_id`` and nothing is recomputed. New content gets a new ``image_id``; the old version is
+marked removed. Files that cannot be read are recorded in ``skipped`` with the reason and not retried until they change.
+
+Resumable: rows are committed every ``config.commit_every`` images as one atomic snapshot, in the walk's sorted order,
+so a run killed at any point resumes with the next file and assigns the same ids an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from imgrec.config import Config
+from imgrec.features.embed import ModelSpec, spec
+from imgrec.features.extract import HandFeatures, content_hash, decode_side, extract
+from imgrec.imaging import ImageError
+from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
+from pipelines.walk import walk
+
+Progress = Callable[[int, int], None]
+_META = ("width", "height", "format", "mode")
+
+
+@dataclass(frozen=True)
+class Task:
+    collection: str
+    relpath: str
+    path: str
+    size: int
+    mtime_ns: int
+    old_id: int | None = None
+    old_hash: str | None = None
+    old_meta: tuple[Any, ...] | None = None  # width, height, format, mode of the current version
+
+
+@dataclass
+class IngestReport:
+    lake: str
+    scanned: int = 0
+    processed: int = 0  # images whose features were computed
+    unchanged: int = 0
+    relinked: int = 0  # touched or moved files that kept their image_id, nothing recomputed
+    skipped: int = 0  # unreadable files found in this run
+    removed: int = 0
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (worker stages summed over workers)
+    workers: int = 1
+    device: str = "cpu"
+    interrupted: bool = False
+    snapshot: int = -1
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(self.stages.items(), key=lambda kv: -kv[1]))
+        state = "interrupted (run again to resume)" if self.interrupted else "done"
+        return (
+            f"{state}: {self.scanned} files seen, {self.processed} ingested ({self.images_per_s:.1f} images/s), "
+            f"{self.unchanged} unchanged, {self.relinked} moved/touched, {self.skipped} skipped, "
+            f"{self.removed} removed; snapshot {self.snapshot}\n  stages: {stages}"
+        )
+
+
+# --- worker side ----------------------------------------------------------------------------------------------------
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_pixels: int,
+                 reusable: frozenset[str]) -> None:
+    _W.update(model=model, bins=bins, thumb=thumb, max_pixels=max_pixels, reusable=reusable,
+              min_side=decode_side(thumb, model))
+
+
+def _work(task: Task, reuse: bool = True) -> tuple[Task, str, HandFeatures | None, str | None, float]:
+    """Read and extract one file: (task, content hash, features or None, error reason or None, read seconds)."""
+    t0 = time.perf_counter()
+    try:
+        with open(task.path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        return task, "", None, f"cannot read file: {exc.strerror or exc}", time.perf_counter() - t0
+    read_s = time.perf_counter() - t0
+    chash = content_hash(data)
+    if reuse and (chash == task.old_hash or chash in _W["reusable"]):
+        return task, chash, None, None, read_s  # same bytes as an image already in the lake: relink, no decode
+    try:
+        feats = extract(data, model=_W["model"], bins=_W["bins"], thumb_size=_W["thumb"],
+                        max_pixels=_W["max_pixels"], min_side=_W["min_side"])
+    except ImageError as exc:
+        return task, chash, None, str(exc), read_s
+    except Exception as exc:  # never let one file stop the run
+        return task, chash, None, f"unexpected decoder error: {exc.__class__.__name__}: {exc}", read_s
+    return task, chash, feats, None, read_s
+
+
+# --- main side ------------------------------------------------------------------------------------------------------
+
+
+class _Batch:
+    """Rows waiting for the next commit."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.crops: list[tuple[int, np.ndarray]] = []
+        self.images = 0
+
+    def add(self, table: str, row: dict[str, Any]) -> None:
+        self.rows[table].append(row)
+
+    def frames(self, schema: dict[str, dict[str, pl.DataType]]) -> dict[str, pl.DataFrame]:
+        out = {}
+        for table, rows in self.rows.items():
+            cols = schema[table]
+            data = {c: [r.get(c) for r in rows] for c in cols}
+            out[table] = pl.DataFrame(data, schema=cols)
+        return out
+
+
+def _collection_names(roots: Sequence[Path], existing: dict[str, str]) -> dict[Path, str]:
+    by_root = {Path(r): n for n, r in existing.items()}
+    taken = set(existing)
+    out: dict[Path, str] = {}
+    for root in roots:
+        if root in by_root:
+            out[root] = by_root[root]
+            continue
+        base = root.name or "root"
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        out[root] = name
+    return out
+
+
+def ingest(
+    roots: Iterable[str | os.PathLike[str]],
+    config: Config,
+    *,
+    progress: bool = True,
+    on_progress: Progress | None = None,
+    build_index: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> IngestReport:
+    """Ingest (or update) every image below ``roots`` into ``config.lake``; returns what was done."""
+    roots = list(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+    for r in roots:
+        if not r.is_dir():
+            raise NotADirectoryError(f"{r} is not a folder")
+    model = spec(config.model)
+    lake = Lake(config.lake)
+    report = IngestReport(lake=str(lake.root))
+    t_start = time.perf_counter()
+    started_at = now()
+    stages: dict[str, float] = defaultdict(float)
+
+    with lake.writer() as writer:
+        manifest = writer.manifest
+        if manifest is not None and manifest.model.get("name") != model.name:
+            raise LakeError(
+                f"this lake was built with the model {manifest.model.get('name')!r}; ingest with --model "
+                f"{manifest.model.get('name')} or use another lake for {model.name!r}"
+            )
+        # --- plan: what changed since the last snapshot -------------------------------------------------------
+        t0 = time.perf_counter()
+        conn = lake.connect(manifest)
+        existing = dict(conn.sql("SELECT collection, root FROM collections"))
+        names = _collection_names(roots, existing)
+        batch = _Batch()
+        for root, name in names.items():
+            if name not in existing:
+                batch.add("collections", {"collection": name, "root": str(root), "added_at": now()})
+        tasks: list[Task] = []
+        deleted: dict[str, dict[str, Any]] = {}  # content hash -> row of an image whose file disappeared
+        gone: list[dict[str, Any]] = []
+        walk_errors: list[tuple[str, str, str]] = []
+        for root, name in names.items():
+            known = {r["relpath"]: r for r in conn.frame(
+                "SELECT * FROM images WHERE collection = ?", [name]).iter_rows(named=True)}
+            bad = {r[0]: (r[1], r[2]) for r in conn.sql(
+                "SELECT relpath, size_bytes, mtime_ns FROM skipped WHERE collection = ?", [name])}
+            seen: set[str] = set()
+            errs: list[tuple[str, str]] = []
+            for rec in walk(root, errs):
+                seen.add(rec.relpath)
+                report.scanned += 1
+                old = known.get(rec.relpath)
+                if old is not None and old["size_bytes"] == rec.size and old["mtime_ns"] == rec.mtime_ns:
+                    report.unchanged += 1
+                    continue
+                if old is None and bad.get(rec.relpath) == (rec.size, rec.mtime_ns):
+                    continue  # known unreadable and unchanged
+                tasks.append(Task(name, rec.relpath, rec.path, rec.size, rec.mtime_ns,
+                                  old["image_id"] if old else None, old["content_hash"] if old else None,
+                                  tuple(old[k] for k in _META) if old else None))
+            walk_errors += [(name, rel, why) for rel, why in errs]
+            for rel, row in known.items():
+                if rel not in seen:
+                    gone.append(row)
+                    deleted.setdefault(row["content_hash"], row)
+            for rel in bad:
+                if rel not in seen:  # an unreadable file that is gone: clear its record
+                    batch.add("skipped", {"collection": name, "relpath": rel, "reason": None, "at": now()})
+        for name, rel, why in walk_errors:
+            batch.add("skipped", {"collection": name, "relpath": rel, "size_bytes": None, "mtime_ns": None,
+                                  "reason": why, "at": now()})
+            report.skipped += 1
+        conn.close()
+        stages["scan"] += time.perf_counter() - t0
+        log(f"imgrec: {report.scanned} image files in {len(roots)} folder(s); {len(tasks)} to process, "
+            f"{len(gone)} gone")
+
+        # --- process ------------------------------------------------------------------------------------------
+        state = _Runner(writer, manifest, config, model, batch, report, stages)
+        reusable = frozenset(deleted)
+        bins = tuple(manifest.color_bins) if manifest else tuple(config.color_bins)
+        thumb = manifest.thumb_size if manifest else config.thumb_size
+        init_args = (model, bins, thumb, config.max_pixels, reusable)
+        workers = max(1, min(config.workers, len(tasks)))
+        report.workers = workers
+        pool = None
+        try:
+            if workers > 1:
+                pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+                results = pool.imap(_work, tasks, chunksize=4)
+            else:
+                _init_worker(*init_args)
+                results = map(_work, tasks)
+            state.ensure_lake()
+            bar = _bar(len(tasks), progress)
+            for done, (task, chash, feats, reason, read_s) in enumerate(results, 1):
+                stages["read"] += read_s
+                state.handle(task, chash, feats, reason, deleted)
+                bar.update(1)
+                if on_progress:
+                    on_progress(done, len(tasks))
+            bar.close()
+        except KeyboardInterrupt:
+            report.interrupted = True
+            log("imgrec: interrupted; committing what is finished")
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        # files that disappeared and whose bytes did not reappear elsewhere
+        if not report.interrupted:
+            for row in gone:
+                if row["image_id"] not in state.relinked_ids:
+                    batch.add("removed", {"image_id": row["image_id"], "reason": "deleted", "removed_at": now()})
+                    report.removed += 1
+        report.seconds = time.perf_counter() - t_start
+        report.stages = {k: round(v, 3) for k, v in stages.items()}
+        changed = bool(batch.rows) or state.committed
+        if changed:  # a run that changed nothing leaves the snapshot (and so the index) as it was
+            batch.add("runs", {"run_id": uuid.uuid4().hex[:12], "started_at": started_at, "finished_at": now(),
+                               "stats": json.dumps(report.to_json())})
+        state.flush(final=True)
+        if changed and not report.interrupted:
+            t0 = time.perf_counter()
+            writer.compact()
+            stages["compact"] += time.perf_counter() - t0
+        report.snapshot = lake.snapshot()
+    report.device = state.device
+    if build_index and not report.interrupted:
+        from pipelines.index import build_indexes
+
+        t0 = time.perf_counter()
+        build_indexes(config)
+        stages["index"] += time.perf_counter() - t0
+        report.stages = {k: round(v, 3) for k, v in stages.items()}
+    return report
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="ingest", disable=not enabled or total == 0, smoothing=0.1,
+                dynamic_ncols=True)
+
+
+class _Runner:
+    """Turns worker results into rows, embeds in batches, and commits every ``commit_every`` images."""
+
+    def __init__(self, writer: LakeWriter, manifest: Manifest | None, config: Config, model: ModelSpec,
+                 batch: _Batch, report: IngestReport, stages: dict[str, float]) -> None:
+        self.writer, self.manifest, self.config, self.model = writer, manifest, config, model
+        self.batch, self.report, self.stages = batch, report, stages
+        self.embedder: Any = None
+        self.next_id = manifest.next_image_id if manifest else 0
+        self.relinked_ids: set[int] = set()
+        self.device = "cpu"
+        self.committed = False
+
+    def _embedder(self) -> Any:
+        if self.embedder is None:
+            from imgrec.features.embed import Embedder
+
+            t0 = time.perf_counter()
+            self.embedder = Embedder(self.config.model, self.config.device)
+            self.device = self.embedder.device
+            self.stages["model_load"] += time.perf_counter() - t0
+            recorded = self.manifest.model.get("checksum") if self.manifest else None
+            if recorded and recorded != self.embedder.checksum:
+                raise LakeError(
+                    f"the weights of {self.model.name} differ from those this lake was built with "
+                    f"(checksum {self.embedder.checksum} vs {recorded}); use another lake"
+                )
+        return self.embedder
+
+    def ensure_lake(self) -> None:
+        if self.manifest is None:
+            e = self._embedder()
+            self.manifest = self.writer.create(
+                {"name": self.model.name, "checksum": e.checksum, "dim": self.model.dim,
+                 "resize": self.model.resize, "crop": self.model.crop},
+                tuple(self.config.color_bins), self.config.thumb_size)
+
+    def handle(self, task: Task, chash: str, feats: HandFeatures | None, reason: str | None,
+               deleted: dict[str, dict[str, Any]]) -> None:
+        b, r = self.batch, self.report
+        base = {"collection": task.collection, "relpath": task.relpath, "file_name": task.relpath.rsplit("/", 1)[-1],
+                "folder": task.relpath.rsplit("/", 1)[0] if "/" in task.relpath else "",
+                "size_bytes": task.size, "mtime_ns": task.mtime_ns,
+                "mtime": _ts(task.mtime_ns), "content_hash": chash, "ingested_at": now()}
+        if reason is not None:
+            b.add("skipped", {"collection": task.collection, "relpath": task.relpath, "size_bytes": task.size,
+                              "mtime_ns": task.mtime_ns, "reason": reason, "at": now()})
+            if task.old_id is not None:  # a file that was fine and is now unreadable
+                b.add("removed", {"image_id": task.old_id, "reason": f"unreadable: {reason}", "removed_at": now()})
+            r.skipped += 1
+            return
+        if feats is None:  # same bytes as an image of the lake: keep its id and features, recompute nothing
+            src = None if chash == task.old_hash else deleted.pop(chash, None)
+            if src is None and chash != task.old_hash:  # its twin was already relinked: extract after all
+                task, chash, feats, reason, _ = _work(replace(task, old_hash=None), reuse=False)
+                self.handle(task, chash, feats, reason, deleted)
+                return
+            meta = task.old_meta if src is None else tuple(src[k] for k in _META)
+            image_id = task.old_id if src is None else src["image_id"]
+            if src is not None:
+                self.relinked_ids.add(image_id)
+                if task.old_id is not None:
+                    b.add("removed", {"image_id": task.old_id, "reason": "replaced", "removed_at": now()})
+            b.add("images", {**base, "image_id": image_id, **dict(zip(_META, meta or (None,) * 4, strict=True))})
+            r.relinked += 1
+            b.images += 1
+            self._maybe_commit()
+            return
+        image_id = self.next_id
+        self.next_id += 1
+        if task.old_id is not None:
+            b.add("removed", {"image_id": task.old_id, "reason": "modified", "removed_at": now()})
+        b.add("images", {**base, "image_id": image_id, "width": feats.width, "height": feats.height,
+                         "format": feats.format, "mode": feats.mode})
+        b.add("color", {"image_id": image_id, "hist": feats.hist})
+        b.add("hashes", {"image_id": image_id, "phash": int(feats.phash), "dhash": int(feats.dhash)})
+        b.add("thumbnails", {"image_id": image_id, "thumb": feats.thumb})
+        b.crops.append((image_id, feats.crop))
+        for k, v in feats.timings.items():
+            self.stages[k] += v
+        r.processed += 1
+        b.images += 1
+        if len(b.crops) >= self.config.batch_size:
+            self._embed()
+        self._maybe_commit()
+
+    def _embed(self) -> None:
+        b = self.batch
+        if not b.crops:
+            return
+        from imgrec.features.embed import imagenet_labels
+
+        t0 = time.perf_counter()
+        ids = [i for i, _ in b.crops]
+        emb, top_i, top_p = self._embedder().embed(np.stack([c for _, c in b.crops]))
+        names = imagenet_labels()
+        for j, image_id in enumerate(ids):
+            b.add("embeddings", {"image_id": image_id, "vector": emb[j]})
+            labels = [names[int(k)] for k in top_i[j]]
+            b.add("labels", {"image_id": image_id, "label": labels[0], "labels": labels,
+                             "probs": [float(p) for p in top_p[j]]})
+        b.crops.clear()
+        self.stages["embed"] += time.perf_counter() - t0
+
+    def _maybe_commit(self) -> None:
+        if self.batch.images >= self.config.commit_every:
+            self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        self._embed()
+        if not self.batch.rows:
+            return
+        self.ensure_lake()
+        from imgrec.lake import schemas
+
+        t0 = time.perf_counter()
+        m = self.writer.manifest
+        frames = self.batch.frames(schemas(m.bins, int(m.model["dim"])))
+        self.writer.commit(frames, next_image_id=self.next_id)
+        self.committed = True
+        self.batch.rows.clear()
+        self.batch.images = 0
+        self.stages["write"] += time.perf_counter() - t0
+
+
+def _ts(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC).replace(tzinfo=None)

@@ -1,0 +1,67 @@
+"""Shared fixtures: synthetic photos made by the tests, and small lakes built from them."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def synthetic_image(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:
+    """A distinct, photo-like picture per seed: a two-colour gradient, random shapes, a little blur and noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, w)[None, :, None] if seed % 2 else np.linspace(0, 1, h)[:, None, None]
+    base = (c0 * (1 - t) + c1 * t) * np.ones((h, w, 1))
+    img = Image.fromarray(base.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x1, y1 = x0 + int(rng.integers(15, w // 2)), y0 + int(rng.integers(15, h // 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    noise = rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def save(img: Image.Image, path: Path, fmt: str | None = None, **kw: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kw)
+    return path
+
+
+def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def make_collection(root: Path, n: int = 10, start: int = 0) -> list[Path]:
+    """n synthetic photos in two sub-folders, mixed formats."""
+    paths = []
+    for i in range(start, start + n):
+        sub = "a" if i % 2 == 0 else "b/deeper"
+        ext = (".jpg", ".png", ".webp")[i % 3]
+        paths.append(save(synthetic_image(i), root / sub / f"img_{i:03d}{ext}"))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real images not found at {SHARED} (../shared/data beside the checkout); skipping")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _no_env_lake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMGREC_LAKE", raising=False)
+    os.environ.setdefault("TQDM_DISABLE", "1")

@@ -1,0 +1,75 @@
+"""The `imgrec` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_collection
+
+
+def imgrec(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "imgrec.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"imgrec {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cli_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("photos")
+    make_collection(root, 6)
+    (root / "bad.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPVP8 truncated")
+    lake = tmp_path_factory.mktemp("lake")
+    out = imgrec("ingest", str(root), "--lake", str(lake), "--json", "--workers", "2")
+    report = json.loads(out.stdout)
+    assert report["processed"] == 6 and report["skipped"] == 1 and report["images_per_s"] > 0
+    assert {"decode", "embed", "write", "color", "hash"} <= set(report["stages"])
+    return root, lake
+
+
+def test_stats_json_counts_and_skipped(cli_lake: tuple[Path, Path]) -> None:
+    root, lake = cli_lake
+    stats = json.loads(imgrec("stats", "--lake", str(lake), "--json").stdout)
+    assert stats["images"] == 6
+    assert stats["skipped"] == [{"path": str(root / "bad.webp"), "reason": stats["skipped"][0]["reason"]}]
+    assert stats["skipped"][0]["reason"]
+    assert stats["collections"][0]["images"] == 6
+
+
+@pytest.mark.parametrize("measure", ["color", "hash", "embedding", "mix"])
+def test_search_json(cli_lake: tuple[Path, Path], measure: str) -> None:
+    root, lake = cli_lake
+    query = sorted(root.rglob("*.png"))[0]
+    out = json.loads(imgrec("search", str(query), "--lake", str(lake), "--measure", measure, "--json").stdout)
+    assert len(out["results"]) == 5
+    first = out["results"][0]
+    assert first["path"] == str(query) and set(first) >= {"image_id", "path", "score", "scores"}
+    assert {"decode", "features", "candidates", "rerank", "metadata", "total"} <= set(out["timings_ms"])
+
+
+def test_lake_from_environment_and_rerun_is_a_no_op(cli_lake: tuple[Path, Path]) -> None:
+    root, lake = cli_lake
+    out = imgrec("ingest", str(root), "--json", env={"IMGREC_LAKE": str(lake)})
+    assert json.loads(out.stdout)["processed"] == 0
+    text = imgrec("search", "id:1", "id:2", "-k", "3", env={"IMGREC_LAKE": str(lake)}).stdout
+    assert "3 results" in text
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path: Path, cli_lake: tuple[Path, Path]) -> None:
+    _, lake = cli_lake
+    cases = [
+        ("search", str(tmp_path / "nope.jpg"), "--lake", str(lake)),
+        ("search", "id:1", "--lake", str(tmp_path / "empty")),
+        ("ingest", str(tmp_path / "missing-folder"), "--lake", str(tmp_path / "l2")),
+        ("index", "--lake", str(tmp_path / "empty")),
+    ]
+    for args in cases:
+        proc = imgrec(*args, check=False)
+        assert proc.returncode == 2, args
+        assert proc.stderr.startswith("imgrec: error:") and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,204 @@
+"""Search end to end on generated images: copies find each other, multi-image aggregation, filters, ids, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import jpeg_bytes, make_collection, save, synthetic_image
+from PIL import Image
+
+from imgrec.config import Config
+from imgrec.index import IndexSet, StaleIndex
+from imgrec.lake import Lake, LakeError
+from imgrec.search import Engine, ModelMismatch, QueryError
+from pipelines.ingest import ingest
+
+MEASURES = ("color", "hash", "embedding", "mix")
+
+
+def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (120, 90)) -> Image.Image:
+    return Image.new("RGB", size, rgb)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("photos")
+    make_collection(root, 12)
+    original = synthetic_image(777, (320, 240))
+    save(original, root / "pairs" / "original.png")
+    save(original.resize((240, 180), Image.Resampling.BILINEAR), root / "pairs" / "copy_small.jpg", quality=75)
+    # for the aggregation: two pure colours, an image half of each, and a twin of the first
+    save(solid((220, 30, 30)), root / "agg" / "red.png")
+    save(solid((30, 30, 220)), root / "agg" / "blue.png")
+    half = solid((220, 30, 30))
+    half.paste(solid((30, 30, 220), (60, 90)), (60, 0))
+    save(half, root / "agg" / "half.png")
+    save(solid((221, 31, 29)), root / "agg" / "red_twin.png")
+    path = tmp_path_factory.mktemp("lake")
+    ingest([root], Config.load(path, workers=2), progress=False)
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def engine(lake: tuple[Path, Path]) -> Engine:
+    return Engine(Config.load(lake[1]))
+
+
+def rel(engine: Engine, image_id: int) -> str:
+    return engine.cursor().execute("SELECT relpath FROM images WHERE image_id = ?", [image_id]).fetchall()[0][0]
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_an_image_and_its_resized_reencoded_copy_find_each_other(engine: Engine, lake: tuple[Path, Path],
+                                                                measure: str) -> None:
+    root, _ = lake
+    for query, other in (("original.png", "copy_small.jpg"), ("copy_small.jpg", "original.png")):
+        resp = engine.search([root / "pairs" / query], measure, k=3, exclude_query=True)
+        assert resp.results[0].relpath == f"pairs/{other}", (measure, query, [r.relpath for r in resp.results])
+        first = resp.results[0]
+        assert first.path == str(root / "pairs" / other)
+        assert measure == "mix" or first.scores[measure] == pytest.approx(first.score)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_a_query_file_of_the_collection_finds_itself_first(engine: Engine, lake: tuple[Path, Path],
+                                                          measure: str) -> None:
+    root, _ = lake
+    target = sorted(root.glob("a/*"))[2]
+    resp = engine.search([target], measure, k=5)
+    assert resp.results[0].path == str(target)
+    assert resp.results[0].score == pytest.approx(1.0, abs=1e-3)
+    assert [r.rank for r in resp.results] == [1, 2, 3, 4, 5]
+    assert all(a.score >= b.score for a, b in zip(resp.results, resp.results[1:], strict=False))
+    assert set(resp.timings_ms) >= {"decode", "features", "candidates", "rerank", "metadata", "total"}
+
+
+def test_several_query_images_rank_what_relates_to_all_of_them(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    queries = [root / "agg" / "red.png", root / "agg" / "blue.png"]
+    resp = engine.search(queries, "color", k=20, exclude_query=True)
+    order = [r.relpath for r in resp.results]
+    # half.png is close to both queries, red_twin.png is identical to one and far from the other
+    assert order.index("agg/half.png") < order.index("agg/red_twin.png")
+    assert order[0] == "agg/half.png"
+    # averaging would have put the twin first: the aggregation is what makes the difference
+    mean = [r.relpath for r in engine.search(queries, "color", k=20, exclude_query=True, aggregate="mean").results]
+    assert mean.index("agg/red_twin.png") < mean.index("agg/half.png")
+
+
+def test_query_by_id_reuses_stored_features_and_embeds_nothing(lake: tuple[Path, Path]) -> None:
+    root, path = lake
+    engine = Engine(Config.load(path))
+    image_id = engine.cursor().execute("SELECT image_id FROM images WHERE relpath = 'pairs/original.png'"
+                                       ).fetchall()[0][0]
+    by_id = engine.search([image_id], "embedding", k=4)
+    assert engine._embedder is None  # no model was loaded
+    by_file = engine.search([root / "pairs" / "original.png"], "embedding", k=4)
+    assert [r.image_id for r in by_id.results] == [r.image_id for r in by_file.results]
+    assert by_id.results[0].image_id == image_id
+    excluded = engine.search([f"id:{image_id}"], "mix", k=4, exclude_query=True)
+    assert image_id not in [r.image_id for r in excluded.results]
+
+
+def test_bytes_upload_equals_file_query(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    f = root / "pairs" / "original.png"
+    a = engine.search([f.read_bytes()], "mix", k=5)
+    b = engine.search([f], "mix", k=5)
+    assert [r.image_id for r in a.results] == [r.image_id for r in b.results]
+    assert a.queries == ["upload"]
+
+
+def test_k_larger_than_the_collection_returns_everything(engine: Engine) -> None:
+    resp = engine.search(["id:0"], "hash", k=1000)
+    assert len(resp.results) == engine.size
+    assert len({r.image_id for r in resp.results}) == engine.size
+
+
+def test_range_query_returns_everything_above_the_threshold(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    resp = engine.search([root / "agg" / "red.png"], "color", threshold=0.9)
+    names = {r.relpath for r in resp.results}
+    assert names == {"agg/red.png", "agg/red_twin.png"}
+    assert all(r.score >= 0.9 for r in resp.results)
+
+
+def test_filters_on_collection_and_folder(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    resp = engine.search([root / "pairs" / "original.png"], "embedding", k=50, folders=["b"])
+    assert resp.results and all(r.relpath.startswith("b/") for r in resp.results)
+    resp = engine.search([root / "pairs" / "original.png"], "embedding", k=50, folders=["b/deeper"])
+    assert resp.results and all(r.relpath.startswith("b/deeper/") for r in resp.results)
+    assert engine.search(["id:0"], "hash", collections=[root.name]).results
+    assert engine.search(["id:0"], "hash", collections=["no-such-collection"]).results == []
+
+
+def test_every_distance_of_every_measure_runs(engine: Engine) -> None:
+    from imgrec.config import DISTANCES
+
+    for measure, distances in DISTANCES.items():
+        for d in distances:
+            resp = engine.search(["id:3"], measure, k=3, distance=d)
+            assert resp.results[0].image_id == 3, (measure, d)
+            assert 0.0 <= resp.results[-1].score <= 1.0
+
+
+def test_clear_errors(engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(QueryError, match="1 to 5"):
+        engine.search(["id:0"] * 6, "mix")
+    with pytest.raises(QueryError, match="not an image|corrupt"):
+        engine.search([b"<html>not a picture</html>"], "color")
+    with pytest.raises(QueryError, match="not in the lake"):
+        engine.search([10**9], "hash")
+    with pytest.raises(QueryError, match="unknown measure"):
+        engine.search(["id:0"], "smell")
+    with pytest.raises(QueryError, match="distances"):
+        engine.search(["id:0"], "color", distance="cosine")
+    with pytest.raises(QueryError, match="cannot read"):
+        engine.search([tmp_path / "missing.jpg"], "color")
+    empty = Engine(Config.load(tmp_path / "nolake"))
+    with pytest.raises(LakeError, match="no images yet"):
+        empty.search([jpeg_bytes(synthetic_image(1))], "color")
+
+
+def test_stale_index_is_detected_and_rebuilt(tmp_path: Path) -> None:
+    root, path = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 4)
+    cfg = Config.load(path, workers=1)
+    ingest([root], cfg, progress=False)
+    engine = Engine(cfg)
+    assert engine.size == 4
+    make_collection(root, 2, start=50)
+    ingest([root], cfg, progress=False, build_index=False)
+    snap = Lake(path).snapshot()
+    with pytest.raises(StaleIndex):
+        IndexSet.open(Lake(path), expect_snapshot=snap)
+    assert engine.refresh() is True  # picks up the new snapshot and rebuilds the index
+    assert engine.size == 6 and engine.index.snapshot == snap
+    assert len(engine.search(["id:0"], "embedding", k=10).results) == 6
+
+
+def test_query_with_another_model_than_the_index_is_refused(tmp_path: Path) -> None:
+    root, path = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 3)
+    cfg = Config.load(path, workers=1)
+    ingest([root], cfg, progress=False)
+    engine = Engine(cfg)
+    engine.index.meta["model"]["checksum"] = "0000000000000000"  # as if the lake came from other weights
+    with pytest.raises(ModelMismatch, match="differ"):
+        engine.search([root / "a" / "img_000.jpg"], "embedding")
+    meta = json.loads((engine.index.path / "meta.json").read_text())
+    assert meta["model"]["checksum"] != "0000000000000000"
+
+
+def test_hash_scores_are_exact_over_the_whole_collection(engine: Engine) -> None:
+    idx = engine.index
+    q = np.asarray(idx.hashes[5])
+    resp = engine.search(["id:5"], "hash", k=engine.size)
+    got = {r.image_id: r.score for r in resp.results}
+    for row, image_id in enumerate(idx.ids):
+        bits = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(q, idx.hashes[row], strict=True))
+        assert got[int(image_id)] == pytest.approx(1 - bits / 128, abs=1e-6)
