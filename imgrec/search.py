@@ -59,7 +59,7 @@ class Query:
         text = os.fspath(item)
         if text.startswith("id:") and text[3:].isdigit():
             return cls(image_id=int(text[3:]), name=text)
-        return cls(path=str(Path(text).expanduser().resolve()), name=Path(text).name)
+        return cls(path=os.path.abspath(Path(text).expanduser()), name=Path(text).name)
 
 
 @dataclass

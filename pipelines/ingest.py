@@ -166,7 +166,8 @@ def ingest(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> IngestReport:
     """Ingest (or update) every image below ``roots`` into ``config.lake``; returns what was done."""
-    roots = list(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+    # absolute, but symlinks kept as the person wrote them, so result paths read as they know them
+    roots = list(dict.fromkeys(Path(os.path.abspath(Path(r).expanduser())) for r in roots))
     for r in roots:
         if not r.is_dir():
             raise NotADirectoryError(f"{r} is not a folder")

@@ -24,7 +24,7 @@ def walk(root: str | os.PathLike[str], errors: list[tuple[str, str]] | None = No
     Files are recognised by extension (case-insensitive); what cannot be listed or stat'ed is appended to
     ``errors`` as (relpath, reason) instead of stopping the walk.
     """
-    root = Path(root).resolve()
+    root = Path(os.path.abspath(root))
     seen_dirs: set[tuple[int, int]] = set()
 
     def visit(folder: Path) -> Iterator[FileRecord]:
