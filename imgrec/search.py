@@ -126,6 +126,7 @@ class Engine:
         self.lake = Lake(self.config.lake)
         self.auto_index = auto_index
         self._lock = threading.RLock()
+        self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
         self._embedder: Any = None
         self.conn: LakeConnection | None = None
         self.index: IndexSet | None = None
@@ -188,7 +189,7 @@ class Engine:
 
     def embedder(self) -> Any:
         """The lake's embedding model, loaded once; refuses a model other than the one the index was built with."""
-        with self._lock:
+        with self._model_lock:
             if self._embedder is None:
                 from imgrec.features.embed import Embedder
 
@@ -204,19 +205,38 @@ class Engine:
                 self._embedder = emb
             return self._embedder
 
+    def warm_up(self) -> threading.Thread | None:
+        """Load the model in a background thread, so that the first upload search does not wait for it."""
+        if self.index is None or self._embedder is not None:
+            return None
+
+        def load() -> None:
+            try:
+                self.embedder()
+            except Exception:  # the search that needs the model reports the error to the person
+                pass
+
+        thread = threading.Thread(target=load, name="imgrec-model-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     # --- features --------------------------------------------------------------------------------------------------
 
     def features(self, queries: Sequence[Query], need_embedding: bool, timer: _Timer | None = None
                  ) -> list[QueryFeatures]:
         """Features of each query image; stored ones for images of the lake (nothing recomputed)."""
         timer = timer or _Timer()
+        timer.ms.setdefault("decode", 0.0)  # every response reports every stage, 0 when nothing was decoded
         idx = self._require_index()
         model = spec(idx.meta["model"]["name"])
         bins = tuple(idx.meta["color_bins"])
         side = decode_side(self.lake.manifest().thumb_size if self.lake.manifest() else 256, model)
         out: list[QueryFeatures] = []
         crops: list[tuple[int, NDArray[np.uint8]]] = []
+        known = self.lookup_paths([q.path for q in queries if q.path])
         for q in queries:
+            if q.path in known:  # a file of the lake, unchanged since ingestion: its stored features
+                q = Query(image_id=known[q.path], name=q.name)
             if q.image_id is not None:
                 try:
                     row = int(idx.rows([q.image_id])[0])
@@ -251,8 +271,7 @@ class Engine:
             for j, (pos, _) in enumerate(crops):
                 out[pos].emb = emb[j]
         timer.lap("features")
-        if "decode" in timer.ms:
-            timer.ms["features"] = round(max(timer.ms["features"] - timer.ms["decode"], 0.0), 3)
+        timer.ms["features"] = round(max(timer.ms["features"] - timer.ms["decode"], 0.0), 3)
         return out
 
     # --- search ----------------------------------------------------------------------------------------------------
@@ -411,6 +430,33 @@ class Engine:
         found = np.asarray(ids["image_id"], dtype=np.int64)
         found = found[np.isin(found, idx.ids)]
         return idx.rows(np.sort(found)) if found.size else np.empty(0, np.int64)
+
+    def lookup_paths(self, paths: Sequence[str]) -> dict[str, int]:
+        """image_id of each path that is an image of the lake whose file is unchanged (same size and mtime)."""
+        if not paths or self.conn is None:
+            return {}
+        rows = self.cursor().execute(
+            "SELECT path, image_id, size_bytes, mtime_ns FROM images WHERE path IN (SELECT unnest(?))", [list(paths)]
+        ).fetchall()
+        out = {}
+        for path, image_id, size, mtime_ns in rows:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if st.st_size == size and st.st_mtime_ns == mtime_ns:
+                out[path] = int(image_id)
+        return out
+
+    def lookup_ids(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Metadata rows of images of the lake by id (DuckDB)."""
+        if not image_ids:
+            return {}
+        cur = self.cursor()
+        cur.execute("SELECT * FROM images WHERE image_id IN (SELECT unnest(?))", [[int(i) for i in image_ids]])
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        return {int(r["image_id"]): r for r in rows}
 
     def _ids_with_hashes(self, hashes: list[str]) -> set[int]:
         if not hashes:

@@ -72,6 +72,7 @@ def open_engine(lake: str) -> Engine:
 
     engine = Engine(Config.load(lake))
     engine.auto_index = False  # later snapshots: only once their index exists (lake_status)
+    engine.warm_up()  # the model loads in the background while the person picks query images
     return engine
 
 

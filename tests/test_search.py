@@ -188,8 +188,8 @@ def test_query_with_another_model_than_the_index_is_refused(tmp_path: Path) -> N
     ingest([root], cfg, progress=False)
     engine = Engine(cfg)
     engine.index.meta["model"]["checksum"] = "0000000000000000"  # as if the lake came from other weights
-    with pytest.raises(ModelMismatch, match="differ"):
-        engine.search([root / "a" / "img_000.jpg"], "embedding")
+    with pytest.raises(ModelMismatch, match="differ"):  # an upload must be embedded: refused
+        engine.search([(root / "a" / "img_000.jpg").read_bytes()], "embedding")
     meta = json.loads((engine.index.path / "meta.json").read_text())
     assert meta["model"]["checksum"] != "0000000000000000"
 
@@ -202,3 +202,41 @@ def test_hash_scores_are_exact_over_the_whole_collection(engine: Engine) -> None
     for row, image_id in enumerate(idx.ids):
         bits = sum(bin(int(a) ^ int(b)).count("1") for a, b in zip(q, idx.hashes[row], strict=True))
         assert got[int(image_id)] == pytest.approx(1 - bits / 128, abs=1e-6)
+
+
+def test_model_warm_up_in_the_background(lake: tuple[Path, Path]) -> None:
+    engine = Engine(Config.load(lake[1]))
+    thread = engine.warm_up()
+    assert thread is not None
+    assert engine.search(["id:1"], "hash", k=2).results  # searches without the model are not held up
+    thread.join(timeout=120)
+    assert engine._embedder is not None
+    assert engine.warm_up() is None  # already loaded
+    before = engine._embedder
+    engine.search([lake[0] / "pairs" / "original.png"], "embedding", k=2)
+    assert engine._embedder is before
+
+
+def test_duckdb_retrieval_by_id_and_by_path(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    path = str(root / "pairs" / "original.png")
+    by_path = engine.lookup_paths([path, str(root / "not-there.jpg")])
+    assert list(by_path) == [path]
+    rows = engine.lookup_ids([by_path[path], 10**9])
+    assert list(rows) == [by_path[path]]
+    row = rows[by_path[path]]
+    assert row["path"] == path and row["relpath"] == "pairs/original.png" and row["file_name"] == "original.png"
+    assert (row["width"], row["height"], row["format"]) == (320, 240, "PNG")
+
+
+def test_a_file_of_the_lake_is_searched_with_its_stored_features(lake: tuple[Path, Path], tmp_path: Path) -> None:
+    root, path = lake
+    engine = Engine(Config.load(path))
+    resp = engine.search([root / "pairs" / "original.png"], "embedding", k=2)
+    assert engine._embedder is None  # unchanged file of the lake: nothing decoded, no model loaded
+    assert resp.timings_ms["decode"] == 0
+    outside = tmp_path / "same.png"  # the same bytes outside the lake are decoded and embedded
+    outside.write_bytes((root / "pairs" / "original.png").read_bytes())
+    resp2 = engine.search([outside], "embedding", k=2)
+    assert engine._embedder is not None and resp2.timings_ms["decode"] > 0
+    assert [r.image_id for r in resp2.results] == [r.image_id for r in resp.results]
