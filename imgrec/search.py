@@ -126,7 +126,8 @@ class Engine:
         self.lake = Lake(self.config.lake)
         self.auto_index = auto_index
         self._lock = threading.RLock()
-        self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
+        self._model_lock = threading.Lock()
+        self._hnsw_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
         self._embedder: Any = None
         self.conn: LakeConnection | None = None
         self.index: IndexSet | None = None
@@ -384,8 +385,9 @@ class Engine:
             count = min(idx.size, count * (1 if distance == "hellinger" else 4))
         else:
             hnsw, vec = idx.embedding_hnsw, f.emb.astype(np.float32)
-        hnsw.expansion_search = max(self.config.hnsw_expansion_search, count)
-        matches = hnsw.search(vec, count)
+        with self._hnsw_lock:  # expansion_search is a property of the shared graph: set and search together
+            hnsw.expansion_search = max(self.config.hnsw_expansion_search, count)
+            matches = hnsw.search(vec, count)
         keys = np.asarray(matches.keys, dtype=np.int64)[: len(matches)]
         return idx.rows(keys)
 
