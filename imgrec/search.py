@@ -231,7 +231,8 @@ class Engine:
         idx = self._require_index()
         model = spec(idx.meta["model"]["name"])
         bins = tuple(idx.meta["color_bins"])
-        side = decode_side(self.lake.manifest().thumb_size if self.lake.manifest() else 256, model)
+        manifest = self.conn.manifest if self.conn is not None else None  # the pinned snapshot's; no file read
+        side = decode_side(manifest.thumb_size if manifest else 256, model)
         out: list[QueryFeatures] = []
         crops: list[tuple[int, NDArray[np.uint8]]] = []
         known = self.lookup_paths([q.path for q in queries if q.path])

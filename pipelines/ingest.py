@@ -278,7 +278,7 @@ def ingest(
         if changed:  # a run that changed nothing leaves the snapshot (and so the index) as it was
             batch.add("runs", {"run_id": uuid.uuid4().hex[:12], "started_at": started_at, "finished_at": now(),
                                "stats": json.dumps(report.to_json())})
-        state.flush(final=True)
+        state.flush()
         if changed and not report.interrupted:
             t0 = time.perf_counter()
             writer.compact()
@@ -410,7 +410,7 @@ class _Runner:
         if self.batch.images >= self.config.commit_every:
             self.flush()
 
-    def flush(self, final: bool = False) -> None:
+    def flush(self) -> None:
         self._embed()
         if not self.batch.rows:
             return
