@@ -11,14 +11,17 @@ so a run killed at any point resumes with the next file and assigns the same ids
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +89,12 @@ class IngestReport:
 # --- worker side ----------------------------------------------------------------------------------------------------
 
 _W: dict[str, Any] = {}
+
+
+def _init_pool_worker(*args: Any) -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops the run cleanly (see _stop_on_signals)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
 
 
 def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_pixels: int,
@@ -163,9 +172,14 @@ def ingest(
     progress: bool = True,
     on_progress: Progress | None = None,
     build_index: bool = True,
+    stop: threading.Event | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> IngestReport:
-    """Ingest (or update) every image below ``roots`` into ``config.lake``; returns what was done."""
+    """Ingest (or update) every image below ``roots`` into ``config.lake``; returns what was done.
+
+    Setting ``stop`` (or Ctrl-C / SIGTERM in the main thread) ends the run early: what is finished is committed,
+    and the next run resumes from there (``report.interrupted``).
+    """
     # absolute, but symlinks kept as the person wrote them, so result paths read as they know them
     roots = list(dict.fromkeys(Path(os.path.abspath(Path(r).expanduser())) for r in roots))
     for r in roots:
@@ -243,9 +257,11 @@ def ingest(
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
         pool = None
-        try:
+        stop = stop or threading.Event()
+        with _stop_on_signals(stop, log), contextlib.ExitStack() as cleanup:
             if workers > 1:
-                pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args)
+                pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=init_args)
+                cleanup.callback(_close_pool, pool)
                 results = pool.imap(_work, tasks, chunksize=4)
             else:
                 _init_worker(*init_args)
@@ -253,19 +269,16 @@ def ingest(
             state.ensure_lake()
             bar = _bar(len(tasks), progress)
             for done, (task, chash, feats, reason, read_s) in enumerate(results, 1):
+                if stop.is_set():
+                    report.interrupted = True
+                    log(f"imgrec: stopped; committing the {done - 1} images handled so far")
+                    break
                 stages["read"] += read_s
                 state.handle(task, chash, feats, reason, deleted)
                 bar.update(1)
                 if on_progress:
                     on_progress(done, len(tasks))
             bar.close()
-        except KeyboardInterrupt:
-            report.interrupted = True
-            log("imgrec: interrupted; committing what is finished")
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
         # files that disappeared and whose bytes did not reappear elsewhere
         if not report.interrupted:
             for row in gone:
@@ -293,6 +306,33 @@ def ingest(
         stages["index"] += time.perf_counter() - t0
         report.stages = {k: round(v, 3) for k, v in stages.items()}
     return report
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, log: Callable[[str], None]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM sets ``stop``: the run finishes the image in hand, commits, and returns. A second Ctrl-C
+    stops at once (KeyboardInterrupt), leaving the lake at its last commit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log("imgrec: stopping after the current image (Ctrl-C again to stop at once)")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _close_pool(pool: Any) -> None:
+    pool.terminate()
+    pool.join()
 
 
 def _bar(total: int, enabled: bool) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,3 +178,36 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
     conn = Lake(killed).connect()
     assert conn.one("SELECT count(*) - count(DISTINCT image_id) FROM embeddings") == 0
     conn.close()
+
+
+def test_ctrl_c_commits_what_is_finished_and_the_rerun_completes(tmp_path: Path) -> None:
+    root, lake = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 40)
+    cmd = [sys.executable, "-m", "imgrec.cli", "ingest", str(root), "--lake", str(lake), "--workers", "2",
+           "--batch-size", "2", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and Lake(lake).snapshot() < 0:  # the lake exists once the model is loaded
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    report = json.loads(out)
+    assert report["interrupted"] and 0 < report["processed"] < 40
+    assert len(current(lake)) == report["processed"]  # everything handled was committed
+    rerun = ingest([root], Config.load(lake, workers=1), progress=False)
+    assert rerun.processed == 40 - report["processed"] and not rerun.interrupted
+    assert len(current(lake)) == 40
+
+
+def test_stop_event_ends_a_run_cleanly(tmp_path: Path) -> None:
+    root, lake = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 6)
+    stop = threading.Event()
+    report = ingest([root], Config.load(lake, workers=1), progress=False, stop=stop,
+                    on_progress=lambda done, total: stop.set() if done == 3 else None)
+    assert report.interrupted and report.processed == 3
+    assert len(current(lake)) == 3
