@@ -126,8 +126,8 @@ class Engine:
         self.lake = Lake(self.config.lake)
         self.auto_index = auto_index
         self._lock = threading.RLock()
-        self._model_lock = threading.Lock()
-        self._hnsw_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
+        self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
+        self._hnsw_lock = threading.Lock()
         self._embedder: Any = None
         self.conn: LakeConnection | None = None
         self.index: IndexSet | None = None
@@ -452,13 +452,12 @@ class Engine:
         return out
 
     def lookup_ids(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """Metadata rows of images of the lake by id (DuckDB)."""
+        """Metadata rows (with the top label) of images of the lake by id (DuckDB)."""
         if not image_ids:
             return {}
-        cur = self.cursor()
-        cur.execute("SELECT * FROM images WHERE image_id IN (SELECT unnest(?))", [[int(i) for i in image_ids]])
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        rows = _dicts(self.cursor().execute(
+            "SELECT i.*, l.label FROM images i LEFT JOIN labels l USING (image_id) "
+            "WHERE i.image_id IN (SELECT unnest(?))", [[int(i) for i in image_ids]]))
         return {int(r["image_id"]): r for r in rows}
 
     def _ids_with_hashes(self, hashes: list[str]) -> set[int]:
@@ -469,17 +468,12 @@ class Engine:
         return {int(r[0]) for r in rows}
 
     def _attach_metadata(self, results: list[Result]) -> None:
-        if not results:
-            return
-        ids = [r.image_id for r in results]
-        rows = self.cursor().execute(
-            "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label FROM images i "
-            "LEFT JOIN labels l USING (image_id) WHERE i.image_id IN (SELECT unnest(?))", [ids]).fetchall()
-        meta = {r[0]: r for r in rows}
+        meta = self.lookup_ids([r.image_id for r in results])
         for res in results:
             m = meta.get(res.image_id)
             if m:
-                res.path, res.collection, res.relpath, res.width, res.height, res.label = m[1:]
+                res.path, res.collection, res.relpath, res.width, res.height, res.label = (
+                    m["path"], m["collection"], m["relpath"], m["width"], m["height"], m["label"])
 
     # --- lookups for the app and the CLI -----------------------------------------------------------------------------
 
@@ -493,12 +487,15 @@ class Engine:
 
     def sample(self, n: int = 24, seed: int = 0) -> list[dict[str, Any]]:
         """A random sample of images (id, path, label) to browse."""
-        cur = self.cursor()
-        cur.execute(
+        return _dicts(self.cursor().execute(
             "SELECT i.image_id, i.path, i.relpath, l.label FROM images i LEFT JOIN labels l USING (image_id) "
-            f"USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})")
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+            f"USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})"))
+
+
+def _dicts(cur: Any) -> list[dict[str, Any]]:
+    """The rows of an executed DuckDB cursor as dicts keyed by column name."""
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _hash_cols(distance: str) -> list[int]:

@@ -256,7 +256,6 @@ def ingest(
         init_args = (model, bins, thumb, config.max_pixels, reusable)
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
-        pool = None
         stop = stop or threading.Event()
         with _stop_on_signals(stop, log), contextlib.ExitStack() as cleanup:
             if workers > 1:
