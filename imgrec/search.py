@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from imgrec.index import IndexSet, StaleIndex
 from imgrec.lake import Lake, LakeConnection, LakeError
 
 MAX_RANGE_RESULTS = 1000
+HISTORY = 2000  # searches remembered per engine for the profiling page
 
 
 class QueryError(ValueError):
@@ -83,6 +85,8 @@ class Result:
     width: int | None = None
     height: int | None = None
     label: str | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # rank under each single measure, among the candidates
+    contributions: dict[str, float] = field(default_factory=dict)  # mix: what each measure added to the score
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,12 +102,15 @@ class SearchResponse:
     candidates: int
     snapshot: int
     queries: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+    query_hists: list[NDArray[np.float32]] = field(default_factory=list, repr=False)  # colour of each query image
+    query_id: int = 0  # its entry in Engine.history()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "results": [r.to_json() for r in self.results], "timings_ms": self.timings_ms,
             "measure": self.measure, "distance": self.distance, "k": self.k, "candidates": self.candidates,
-            "snapshot": self.snapshot, "queries": self.queries,
+            "snapshot": self.snapshot, "queries": self.queries, "negatives": self.negatives,
         }
 
 
@@ -132,7 +139,11 @@ class Engine:
         self.conn: LakeConnection | None = None
         self.index: IndexSet | None = None
         self.open_ms: dict[str, float] = {}
+        self.startup_ms: dict[str, float] = {}  # first open (index_open, duckdb), model_load; callers may add imports
+        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._query_no = 0
         self.refresh()
+        self.startup_ms.update(self.open_ms)
 
     # --- state -----------------------------------------------------------------------------------------------------
 
@@ -197,7 +208,9 @@ class Engine:
                 if self.index is None:
                     raise LakeError("the lake is empty: ingest a folder first")
                 recorded = self.index.meta["model"]
+                t0 = time.perf_counter()
                 emb = Embedder(recorded["name"], self.config.device)
+                self.startup_ms["model_load"] = round((time.perf_counter() - t0) * 1000.0, 1)
                 if emb.checksum != recorded.get("checksum"):
                     raise ModelMismatch(
                         f"the installed {recorded['name']} weights (checksum {emb.checksum}) differ from those the "
@@ -288,16 +301,26 @@ class Engine:
         threshold: float | None = None,
         collections: Sequence[str] | None = None,
         folders: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None,
         exclude_query: bool = False,
         exclude_ids: Iterable[int] = (),
         weights: dict[str, float] | None = None,
         aggregate: str = "softmin",
+        negatives: Iterable[Query | str | os.PathLike[str] | bytes | int] = (),
+        negative_weight: float = 0.5,
     ) -> SearchResponse:
-        """The ``k`` best images (or every image scoring at least ``threshold``) for all query images together."""
+        """The ``k`` best images (or every image scoring at least ``threshold``) for all query images together.
+
+        ``negatives`` ("less like this") push down images that resemble them: the score loses
+        ``negative_weight`` times the image's highest similarity to a negative example.
+        """
         timer = _Timer()
         qs = [Query.of(q) for q in queries]
+        negs = [Query.of(q) for q in negatives]
         if not 1 <= len(qs) <= MAX_QUERY_IMAGES:
             raise QueryError(f"give 1 to {MAX_QUERY_IMAGES} query images (got {len(qs)})")
+        if len(negs) > MAX_QUERY_IMAGES:
+            raise QueryError(f"give at most {MAX_QUERY_IMAGES} negative examples (got {len(negs)})")
         if measure not in MEASURES:
             raise QueryError(f"unknown measure {measure!r}: choose one of {', '.join(MEASURES)}")
         distance = distance or DISTANCES[measure][0]
@@ -308,18 +331,21 @@ class Engine:
         with self._lock:
             idx, conn_snapshot = self._require_index(), self.snapshot
         w = {m: v for m, v in (weights or self.config.weights).items() if v > 0}
+        if measure == "mix" and not w:
+            raise QueryError("mix needs at least one measure with a positive weight")
         measures = list(w) if measure == "mix" else [measure]
         dists = {m: (distance if m == measure else DISTANCES[m][0]) for m in ("color", "hash", "embedding")}
         need_emb = "embedding" in measures
         timer.lap("setup")
-        feats = self.features(qs, need_emb, timer)
+        all_feats = self.features(qs + negs, need_emb, timer)
+        feats, neg_feats = all_feats[: len(qs)], all_feats[len(qs):]
 
-        # candidates
+        # candidates (from the positive query images only)
         excluded = set(int(i) for i in exclude_ids)
         if exclude_query:
-            excluded |= {f.image_id for f in feats if f.image_id is not None}
-            excluded |= self._ids_with_hashes([f.content_hash for f in feats if f.content_hash])
-        allowed = self._allowed_rows(idx, collections, folders)
+            excluded |= {f.image_id for f in all_feats if f.image_id is not None}
+            excluded |= self._ids_with_hashes([f.content_hash for f in all_feats if f.content_hash])
+        allowed = self._allowed_rows(idx, collections, folders, labels)
         per_query = max(self.config.candidates, 2 * k, MAX_RANGE_RESULTS if threshold is not None else 0)
         if allowed is not None and allowed.size <= self.config.exact_filter_limit:
             pool = allowed
@@ -336,33 +362,73 @@ class Engine:
 
         # exact re-rank over the pool
         available = [m for m in ("embedding", "color", "hash") if m != "embedding" or all(
-            f.emb is not None for f in feats)]
-        S = {m: self._similarities(idx, m, dists[m], feats, pool) for m in available}  # (queries, pool)
+            f.emb is not None for f in all_feats)]
+        S = {m: self._similarities(idx, m, dists[m], all_feats, pool) for m in available}  # (images, pool)
+        P = len(qs)
+        norm: dict[str, NDArray[np.float32]] = {}
         if measure == "mix":
             base = idx.meta.get("baselines", {})
             norm = {m: sim.normalize_to_baseline(S[m], base.get(m, {}).get(dists[m], 0.0)) for m in measures}
-            per_query_score = sim.fuse(norm, w)
+            per_image = sim.fuse(norm, w)
         else:
-            per_query_score = S[measure]
-        score = sim.aggregate(per_query_score, aggregate, self.config.softmin_tau) if pool.size else np.empty(0)
+            per_image = S[measure]
+        tau = self.config.softmin_tau
+        score = sim.aggregate(per_image[:P], aggregate, tau) if pool.size else np.empty(0, np.float32)
+        if neg_feats and pool.size:
+            score = sim.penalize(score, per_image[P:], negative_weight)
         order = np.argsort(-score, kind="stable")
         if threshold is not None:
             order = order[score[order] >= threshold][:MAX_RANGE_RESULTS]
         else:
             order = order[:k]
-        per_measure = {m: sim.aggregate(S[m][:, order], aggregate, self.config.softmin_tau) if order.size
-                       else np.empty(0) for m in available}
+        per_measure = {m: sim.aggregate(S[m][:P], aggregate, tau) if pool.size else np.empty(0, np.float32)
+                       for m in available}
+        ranks = {m: sim.ranks_within(per_measure[m], order) for m in available}
+        total_w = sum(w.values())
+        contrib = {m: w[m] / total_w * sim.aggregate(norm[m][:P, order], aggregate, tau) for m in norm} \
+            if order.size else {}
         timer.lap("rerank")
 
         results = [
-            Result(int(idx.ids[pool[j]]), "", float(score[j]), {m: float(per_measure[m][r]) for m in available}, r + 1)
+            Result(int(idx.ids[pool[j]]), "", float(score[j]), {m: float(per_measure[m][j]) for m in available},
+                   r + 1, ranks={m: int(ranks[m][r]) for m in available},
+                   contributions={m: float(contrib[m][r]) for m in contrib})
             for r, j in enumerate(order)
         ]
         self._attach_metadata(results)
         timer.lap("metadata")
         timer.ms["total"] = round(sum(v for s, v in timer.ms.items() if s != "total"), 3)
-        return SearchResponse(results, timer.ms, measure, distance if measure != "mix" else "fused", k,
-                              int(pool.size), conn_snapshot, [q.name for q in qs])
+        resp = SearchResponse(results, timer.ms, measure, distance if measure != "mix" else "fused", k,
+                              int(pool.size), conn_snapshot, [q.name for q in qs], [q.name for q in negs],
+                              [f.hist for f in feats])
+        resp.query_id = self._remember(resp, uploads=sum(q.image_id is None for q in qs + negs))
+        return resp
+
+    # --- what happened: the profiling page reads it -------------------------------------------------------------------
+
+    def _remember(self, resp: SearchResponse, uploads: int) -> int:
+        with self._lock:
+            self._query_no += 1
+            self._history.append({
+                "query_id": self._query_no, "at": time.time(), "measure": resp.measure, "distance": resp.distance,
+                "n_queries": len(resp.queries), "n_negatives": len(resp.negatives), "uploads": uploads,
+                "k": resp.k, "results": len(resp.results), "candidates": resp.candidates, "size": self.size,
+                "timings_ms": dict(resp.timings_ms),
+            })
+            return self._query_no
+
+    def record_stage(self, query_id: int, stage: str, ms: float) -> None:
+        """Add a stage measured outside the engine (e.g. the app's ``render``) to a remembered search."""
+        with self._lock:
+            for entry in reversed(self._history):
+                if entry["query_id"] == query_id:
+                    entry["timings_ms"][stage] = round(float(ms), 3)
+                    return
+
+    def history(self) -> list[dict[str, Any]]:
+        """The last searches of this engine (oldest first): measure, query count, timings per stage in ms, ..."""
+        with self._lock:
+            return [{**e, "timings_ms": dict(e["timings_ms"])} for e in self._history]
 
     # --- pieces ----------------------------------------------------------------------------------------------------
 
@@ -415,10 +481,10 @@ class Engine:
         return np.stack([sim.to_similarity("hash", distance, sim.hamming_distance(f.hashes[cols], X),
                                            dim=64 * len(cols)) for f in feats])
 
-    def _allowed_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None
-                      ) -> NDArray[np.int64] | None:
+    def _allowed_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None,
+                      labels: Sequence[str] | None = None) -> NDArray[np.int64] | None:
         """Rows passing the metadata filters, selected by DuckDB; None when there is no filter."""
-        if not collections and not folders:
+        if not collections and not folders and not labels:
             return None
         where, params = [], []
         if collections:
@@ -429,6 +495,9 @@ class Engine:
             for f in folders:
                 f = f.strip("/")
                 params += [f, f + "/"]
+        if labels:
+            where.append("image_id IN (SELECT image_id FROM labels WHERE label IN (SELECT unnest(?)))")
+            params.append(list(labels))
         ids = self.cursor().execute(f"SELECT image_id FROM images WHERE {' AND '.join(where)}", params).fetchnumpy()
         found = np.asarray(ids["image_id"], dtype=np.int64)
         found = found[np.isin(found, idx.ids)]

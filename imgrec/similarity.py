@@ -7,7 +7,7 @@ words, shape ``(w,)`` for the query and ``(n, w)`` for the collection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
@@ -181,3 +181,26 @@ def aggregate(S: Floats, how: str = "softmin", tau: float = 0.05) -> F32:
     if how == "mean":
         return np.asarray(S, dtype=np.float32).mean(axis=0)
     raise ValueError(f"unknown aggregation {how!r}: use softmin, min or mean")
+
+
+def penalize(score: Floats, negative: Floats, weight: float = 0.5) -> F32:
+    """Push down candidates that resemble a negative example ("less like this"): ``score - weight * max_neg``.
+
+    ``negative`` holds the candidates' similarities to each negative image (negatives x candidates), on the same
+    scale as ``score``; with no negative image the score is returned unchanged.
+    """
+    s = np.asarray(score, dtype=np.float32)
+    neg = np.asarray(negative, dtype=np.float32)
+    if neg.size == 0:
+        return s
+    return (s - np.float32(weight) * neg.max(axis=0)).astype(np.float32)
+
+
+def ranks_within(scores: Floats, positions: Sequence[int] | NDArray[np.integer]) -> NDArray[np.int64]:
+    """1-based rank of ``scores[p]`` among all ``scores`` (ties share the better rank) for each position ``p``."""
+    s = np.asarray(scores, dtype=np.float32)
+    if s.size == 0:
+        return np.empty(0, np.int64)
+    ordered = np.sort(s)[::-1]
+    picked = s[np.asarray(positions, dtype=np.int64)]
+    return (np.searchsorted(-ordered, -picked, side="left") + 1).astype(np.int64)

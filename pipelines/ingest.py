@@ -92,8 +92,13 @@ _W: dict[str, Any] = {}
 
 
 def _init_pool_worker(*args: Any) -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops the run cleanly (see _stop_on_signals)."""
+    """Pool workers leave Ctrl-C to the main process, which stops the run cleanly (see _stop_on_signals).
+
+    SIGTERM goes back to its default: a worker forked while the parent's stop handler was installed would
+    otherwise catch ``Pool.terminate()``'s SIGTERM, set a stop flag no one reads, and never exit (join hangs).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(*args)
 
 

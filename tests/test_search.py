@@ -136,6 +136,57 @@ def test_filters_on_collection_and_folder(engine: Engine, lake: tuple[Path, Path
     assert engine.search(["id:0"], "hash", collections=["no-such-collection"]).results == []
 
 
+def test_filter_on_predicted_label(engine: Engine) -> None:
+    label, n = engine.cursor().execute(
+        "SELECT label, count(*) AS n FROM labels GROUP BY label ORDER BY n DESC, label LIMIT 1").fetchall()[0]
+    resp = engine.search(["id:0"], "color", k=100, labels=[label])
+    assert len(resp.results) == n
+    assert {r.label for r in resp.results} == {label}
+    assert engine.search(["id:0"], "color", labels=["no such label"]).results == []
+
+
+def test_negative_examples_push_down_what_resembles_them(engine: Engine, lake: tuple[Path, Path]) -> None:
+    root, _ = lake
+    half = engine.search([root / "agg" / "half.png"], "color", k=20, exclude_query=True)
+    names = [r.relpath for r in half.results]
+    assert set(names[:3]) == {"agg/red.png", "agg/red_twin.png", "agg/blue.png"}  # half red, half blue
+    less_red = engine.search([root / "agg" / "half.png"], "color", k=20, exclude_query=True,
+                             negatives=[root / "agg" / "red.png"])
+    after = [r.relpath for r in less_red.results]
+    assert "agg/red.png" not in after  # a negative example never comes back
+    assert after[0] == "agg/blue.png"
+    assert after.index("agg/red_twin.png") > 3  # the red twin lost its place to images with no red
+    assert less_red.negatives == ["red.png"]
+    with pytest.raises(QueryError, match="negative"):
+        engine.search(["id:0"], "color", negatives=["id:1"] * 6)
+
+
+def test_results_carry_their_rank_under_each_measure_and_mix_contributions(engine: Engine) -> None:
+    resp = engine.search(["id:3"], "mix", k=8)
+    for r in resp.results:
+        assert set(r.ranks) == {"embedding", "color", "hash"}
+        assert all(1 <= v <= resp.candidates for v in r.ranks.values())
+        assert set(r.contributions) == set(engine.config.weights)
+        assert sum(r.contributions.values()) == pytest.approx(r.score, abs=1e-4)  # one query: exact
+    single = engine.search(["id:3"], "color", k=8)
+    assert [r.ranks["color"] for r in single.results] == [r.rank for r in single.results]
+    assert all(not r.contributions for r in single.results)
+
+
+def test_history_remembers_searches_and_extra_stages(lake: tuple[Path, Path]) -> None:
+    engine = Engine(Config.load(lake[1]))
+    assert engine.history() == []
+    assert {"index_open", "duckdb"} <= set(engine.startup_ms)
+    a = engine.search(["id:0"], "hash", k=3)
+    b = engine.search(["id:1", "id:2"], "color", k=4)
+    engine.record_stage(b.query_id, "render", 12.5)
+    h = engine.history()
+    assert [e["query_id"] for e in h] == [a.query_id, b.query_id]
+    assert h[0]["measure"] == "hash" and h[1]["n_queries"] == 2 and h[1]["uploads"] == 0
+    assert h[1]["timings_ms"]["render"] == 12.5 and "render" not in h[0]["timings_ms"]
+    assert h[0]["timings_ms"]["total"] == a.timings_ms["total"]
+
+
 def test_every_distance_of_every_measure_runs(engine: Engine) -> None:
     from imgrec.config import DISTANCES
 

@@ -713,12 +713,33 @@ def test_histogram_distance_registry():
         assert fn is HIST_FUNCS[name]
 
 
+def test_penalize_pushes_down_what_resembles_a_negative():
+    score = np.array([0.9, 0.8, 0.7], np.float32)
+    neg = np.array([[0.95, 0.1, 0.2], [0.3, 0.2, 0.9]], np.float32)  # 2 negative images x 3 candidates
+    out = sim.penalize(score, neg, weight=0.5)
+    assert out == pytest.approx([0.9 - 0.475, 0.8 - 0.1, 0.7 - 0.45])
+    assert int(np.argmax(out)) == 1  # the best match of the positives resembled a negative and lost its place
+    assert sim.penalize(score, np.empty((0, 3)), 0.5) == pytest.approx(score)
+    assert sim.penalize(score, neg, 0.0) == pytest.approx(score)
+
+
+def test_ranks_within_counts_better_scores_and_shares_ties():
+    s = np.array([0.5, 0.9, 0.1, 0.9, 0.7])
+    assert sim.ranks_within(s, [1, 3, 4, 0, 2]).tolist() == [1, 1, 3, 4, 5]
+    rng = np.random.default_rng(3)
+    r = rng.random(200)
+    ranks = sim.ranks_within(r, np.arange(200))
+    assert sorted(ranks.tolist()) == list(range(1, 201))  # distinct scores: a permutation
+    assert ranks[np.argmax(r)] == 1 and ranks[np.argmin(r)] == 200
+    assert sim.ranks_within(np.empty(0), []).size == 0
+
+
 def test_every_public_function_is_tested():
     public = {n for n, v in vars(sim).items() if callable(v) and not n.startswith("_") and v.__module__ == sim.__name__}
     tested = {
         "l2_normalize", "cosine_similarity", "euclidean_distance", "manhattan_distance", "normalize_histogram",
         "chi2_distance", "hellinger_distance", "intersection_distance", "emd_distance", "hamming_distance",
-        "to_similarity", "normalize_to_baseline", "fuse", "soft_min", "aggregate",
+        "to_similarity", "normalize_to_baseline", "fuse", "soft_min", "aggregate", "penalize", "ranks_within",
     }
     assert public == tested
 

@@ -30,3 +30,30 @@ def _fit(size: tuple[int, int], side: int) -> tuple[int, int]:
     w, h = size
     scale = side / max(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def palette(hist: NDArray[np.floating], bins: tuple[int, int, int] = (8, 4, 4), n: int = 6
+            ) -> list[tuple[str, float]]:
+    """The ``n`` heaviest bins of an HSV histogram as (``#rrggbb``, share of pixels).
+
+    The colour is the bin's hue centre; saturation and value run from grey / dark for the first bin to full for the
+    last, so that the least saturated bin shows as grey-white rather than as a tint.
+    """
+    import colorsys
+
+    h = np.asarray(hist, dtype=np.float64).ravel()
+    nh, ns, nv = bins
+    if h.size != nh * ns * nv:
+        raise ValueError(f"a {nh}x{ns}x{nv} histogram has {nh * ns * nv} bins, not {h.size}")
+    total = h.sum()
+    out = []
+    for i in np.argsort(-h, kind="stable")[:n]:
+        if h[i] <= 0:
+            break
+        hi, rest = divmod(int(i), ns * nv)
+        si, vi = divmod(rest, nv)
+        sat = si / (ns - 1) if ns > 1 else 1.0
+        val = min(1.0, (vi + 0.75) / nv)
+        r, g, b = colorsys.hsv_to_rgb((hi + 0.5) / nh, sat, val)
+        out.append((f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}", float(h[i] / total)))
+    return out
