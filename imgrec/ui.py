@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
@@ -67,10 +67,15 @@ def open_engine(lake: str) -> Engine:
     snapshots are only picked up when their index exists (see ``lake_status``), so that an ingestion in progress
     does not make the app rebuild the index at every commit.
     """
+    import time
+
+    t0 = time.perf_counter()
     from imgrec.config import Config
     from imgrec.search import Engine
 
+    imports_ms = (time.perf_counter() - t0) * 1000.0  # numpy, DuckDB, usearch, polars: 0 once already imported
     engine = Engine(Config.load(lake))
+    engine.startup_ms.setdefault("imports", round(imports_ms, 1))
     engine.auto_index = False  # later snapshots: only once their index exists (lake_status)
     engine.warm_up()  # the model loads in the background while the person picks query images
     return engine
@@ -195,9 +200,19 @@ def make_queries(uploads: Sequence[tuple[str, bytes]] = (), picked: Sequence[int
 
 
 def run_search(engine: Engine, uploads: Sequence[tuple[str, bytes]] = (), picked: Sequence[int] = (),
-               measure: str = "mix", k: int = 5, *, exclude_query: bool = False) -> SearchResponse:
-    """Search for uploaded images and/or images of the lake (QueryError for anything a person must change)."""
-    return engine.search(make_queries(uploads, picked), measure=measure, k=k, exclude_query=exclude_query)
+               measure: str = "mix", k: int = 5, *, exclude_query: bool = False,
+               negative_uploads: Sequence[tuple[str, bytes]] = (), negative_ids: Sequence[int] = (),
+               **options: Any) -> SearchResponse:
+    """Search for uploaded images and/or images of the lake, less like the negative ones (QueryError for anything
+    a person must change). ``options`` go to ``Engine.search`` (distance, threshold, filters, weights, ...)."""
+    from imgrec.search import Query, QueryError
+
+    negatives = [Query(data=bytes(data), name=name) for name, data in negative_uploads]
+    negatives += [Query(image_id=int(i), name=f"id:{int(i)}") for i in negative_ids]
+    if len(negatives) > MAX_QUERY_IMAGES:
+        raise QueryError(f"at most {MAX_QUERY_IMAGES} negative examples at a time: you gave {len(negatives)}")
+    return engine.search(make_queries(uploads, picked), measure=measure, k=k, exclude_query=exclude_query,
+                         negatives=negatives, **options)
 
 
 def query_thumbnail(data: bytes, size: int = 256) -> bytes | None:
@@ -214,6 +229,33 @@ def format_scores(scores: dict[str, float]) -> str:
     """Per-measure scores, embedding first."""
     order = {"embedding": 0, "color": 1, "hash": 2}
     return " · ".join(f"{m} {scores[m]:.3f}" for m in sorted(scores, key=lambda m: (order.get(m, 9), m)))
+
+
+def format_ranks(ranks: dict[str, int]) -> str:
+    """Rank under each single measure, embedding first."""
+    order = {"embedding": 0, "color": 1, "hash": 2}
+    return " · ".join(f"{m} #{ranks[m]}" for m in sorted(ranks, key=lambda m: (order.get(m, 9), m)))
+
+
+MEASURE_COLORS = {"embedding": "#4c78a8", "color": "#f58518", "hash": "#54a24b"}
+
+
+def contribution_bar(score: float, contributions: dict[str, float], measure: str) -> str:
+    """A small HTML bar: the score's length, split into what each measure contributed (mix), else one colour."""
+    parts = contributions or {measure: score}
+    cells = "".join(
+        f'<div title="{m}: {v:.3f}" style="width:{max(v, 0.0) * 100:.1f}%;background:{MEASURE_COLORS.get(m, "#888")}">'
+        "</div>" for m, v in parts.items())
+    return ('<div style="display:flex;height:6px;width:100%;background:#eee;border-radius:3px;overflow:hidden">'
+            f"{cells}</div>")
+
+
+def swatches(colors: Sequence[tuple[str, float]], height: int = 18) -> str:
+    """An HTML strip of colour swatches, each as wide as its share."""
+    cells = "".join(f'<div title="{c} {w:.0%}" style="flex:{max(w, 0.02):.3f};background:{c}"></div>'
+                    for c, w in colors)
+    return (f'<div style="display:flex;height:{height}px;width:100%;border:1px solid #ddd;border-radius:3px;'
+            f'overflow:hidden">{cells}</div>')
 
 
 def format_timings(timings_ms: dict[str, float]) -> str:

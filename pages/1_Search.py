@@ -1,30 +1,85 @@
-"""Search: 1 to 5 query images (uploaded, or picked from a sample of the lake) -> the most similar images."""
+"""Search: 1 to 5 query images (uploaded, or picked from the lake: a sample, a folder, a file name) -> the most
+similar images, with scores, per-measure ranks, what each measure contributed, paging, filters and details."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 import streamlit as st
 
 from imgrec import ui
-from imgrec.config import MEASURES
+from imgrec.config import DISTANCES, MEASURES
 
 log = logging.getLogger("imgrec.app")
 
-SAMPLE_SIZE = 48
+SAMPLE_SIZE = 24
 GRID_COLUMNS = 5
-RESULT_KEY = "search_result"  # the last search: survives reruns, so "more like this" and widgets keep it visible
+PAGE_SIZE = 20
+MAX_K = 100
+RESULT_KEY = "search_result"  # the last search: survives reruns, so paging and "more like this" keep it visible
 MORE_KEY = "search_more_like"  # image id whose "more like this" button was clicked (set by the button's callback)
+NEG_KEY = "negatives"  # image ids of the lake given as "less like this"
+
+
+# --- callbacks (run before the script, so they may change widget state) ------------------------------------------
 
 
 def _more_like(image_id: int) -> None:
     st.session_state[MORE_KEY] = image_id
 
 
+def _add_to_query(image_id: int) -> None:
+    picked = list(st.session_state.get("picked", []))
+    if image_id not in picked:
+        picked.append(image_id)
+    st.session_state["picked"] = picked[: ui.MAX_QUERY_IMAGES]
+    negs = st.session_state.get(NEG_KEY, [])
+    st.session_state[NEG_KEY] = [i for i in negs if i != image_id]
+
+
+def _less_like(image_id: int) -> None:
+    negs = list(st.session_state.get(NEG_KEY, []))
+    if image_id not in negs:
+        negs.append(image_id)
+    st.session_state[NEG_KEY] = negs[-ui.MAX_QUERY_IMAGES:]
+    st.session_state["picked"] = [i for i in st.session_state.get("picked", []) if i != image_id]
+
+
+def _clear_negatives() -> None:
+    st.session_state[NEG_KEY] = []
+
+
 def _new_sample() -> None:
     st.session_state["sample_seed"] = random.randrange(1_000_000)
+
+
+def _set_page(page: int) -> None:
+    if RESULT_KEY in st.session_state:
+        st.session_state[RESULT_KEY]["page"] = page
+
+
+# --- the lake's images ---------------------------------------------------------------------------------------------
+
+
+def _name(row: dict[str, Any]) -> str:
+    label = f" ({row['label']})" if row.get("label") else ""
+    return f"#{row['image_id']} · {row.get('relpath') or row.get('path')}{label}"
+
+
+def _remember_names(rows: list[dict[str, Any]]) -> None:
+    names = st.session_state.setdefault("pick_names", {})
+    names.update({int(r["image_id"]): _name(r) for r in rows})
+
+
+def _with_thumbs(status: ui.LakeStatus, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    thumbs = status.engine.thumbnails([r["image_id"] for r in rows])
+    for r in rows:
+        r["thumb"] = thumbs.get(r["image_id"])
+    _remember_names(rows)
+    return rows
 
 
 def _sample(status: ui.LakeStatus) -> list[dict[str, Any]]:
@@ -36,40 +91,82 @@ def _sample(status: ui.LakeStatus) -> list[dict[str, Any]]:
         if cached is not None and cached[0][0] != key[0]:  # another lake: its ids mean other images
             st.session_state["pick_names"] = {}
             st.session_state["picked"] = []
-        engine = status.engine
-        rows = engine.sample(SAMPLE_SIZE, seed=seed)
-        thumbs = engine.thumbnails([r["image_id"] for r in rows])
-        for r in rows:
-            r["thumb"] = thumbs.get(r["image_id"])
-        cached = (key, rows)
+            st.session_state[NEG_KEY] = []
+            st.session_state.pop(RESULT_KEY, None)
+        cached = (key, _with_thumbs(status, status.engine.sample(SAMPLE_SIZE, seed=seed)))
         st.session_state["sample"] = cached
-        names = st.session_state.setdefault("pick_names", {})
-        names.update({r["image_id"]: _name(r) for r in rows})
     return cached[1]
 
 
-def _name(row: dict[str, Any]) -> str:
-    label = f" ({row['label']})" if row.get("label") else ""
-    return f"#{row['image_id']} · {row.get('relpath') or row.get('path')}{label}"
+def _grid(rows: list[dict[str, Any]], prefix: str, columns: int = 8) -> None:
+    """Thumbnails, each with an "Add" button that puts the image into the query."""
+    picked = set(st.session_state.get("picked", []))
+    cols = st.columns(columns)
+    for j, r in enumerate(rows):
+        with cols[j % columns]:
+            if r.get("thumb"):
+                st.image(r["thumb"], width="stretch")
+            st.caption(f"#{r['image_id']} · {r.get('relpath', '')}")
+            st.button("Add", key=f"{prefix}_{r['image_id']}", on_click=_add_to_query, args=(int(r["image_id"]),),
+                      icon=":material/add:", disabled=int(r["image_id"]) in picked, width="stretch")
 
 
-def _previews(status: ui.LakeStatus, files: list[Any], picked: list[int], rows: list[dict[str, Any]]
-              ) -> list[tuple[str, bytes | None]]:
-    """(caption, thumbnail) of each query image; an upload that cannot be decoded has no thumbnail."""
-    cached: dict[str, bytes | None] = st.session_state.get("upload_thumbs", {})
+def _folder_tab(status: ui.LakeStatus) -> None:
+    from imgrec import browse
+
+    folders = _cached(status, "folders", lambda: browse.folders(status.engine))
+    if not folders:
+        return
+    labels = [f"{f['collection']} / {f['folder'] or '(top folder)'} ({f['images']})" for f in folders]
+    i = st.selectbox("Folder", range(len(folders)), format_func=lambda j: labels[j], key="browse_folder")
+    chosen = folders[i or 0]
+    pages = max(1, -(-int(chosen["images"]) // SAMPLE_SIZE))
+    page = st.number_input("Page", 1, pages, 1, key="browse_page", help=f"{pages} pages of {SAMPLE_SIZE}") if \
+        pages > 1 else 1
+    _, rows = browse.images_in(status.engine, chosen["collection"], chosen["folder"], (int(page) - 1) * SAMPLE_SIZE,
+                               SAMPLE_SIZE)
+    _grid(_with_thumbs(status, rows), "addf")
+
+
+def _name_tab(status: ui.LakeStatus) -> None:
+    from imgrec import browse
+
+    text = st.text_input("File name contains", key="find_name", placeholder="e.g. beach, IMG_20, 2019/")
+    if text.strip():
+        rows = browse.find_by_name(status.engine, text, limit=SAMPLE_SIZE)
+        st.caption(f"{len(rows)} image(s)" + (f" (the first {SAMPLE_SIZE})" if len(rows) == SAMPLE_SIZE else ""))
+        _grid(_with_thumbs(status, rows), "addn")
+
+
+def _cached(status: ui.LakeStatus, what: str, compute: Any) -> Any:
+    """A per-session cache of lake-wide lists (folders, labels, collections) for the current snapshot."""
+    key = (str(status.path), status.snapshot, what)
+    store = st.session_state.setdefault("lake_lists", {})
+    if key not in store:
+        store[key] = compute()
+    return store[key]
+
+
+# --- queries -------------------------------------------------------------------------------------------------------
+
+
+def _upload_previews(files: list[Any], state_key: str) -> list[tuple[str, bytes | None]]:
+    """(caption, thumbnail) of each uploaded file; one that cannot be decoded has no thumbnail."""
+    cached: dict[str, bytes | None] = st.session_state.get(state_key, {})
     current = {}
     out: list[tuple[str, bytes | None]] = []
     for f in files:
         fid = getattr(f, "file_id", None) or f"{f.name}:{f.size}"
         current[fid] = cached[fid] if fid in cached else ui.query_thumbnail(f.getvalue())
         out.append((f.name if current[fid] else f"{f.name} (cannot be read)", current[fid]))
-    st.session_state["upload_thumbs"] = current  # only the files still uploaded
-    thumbs = {r["image_id"]: r.get("thumb") for r in rows}
-    missing = [i for i in picked if thumbs.get(i) is None]
-    if missing:
-        thumbs.update(status.engine.thumbnails(missing))
+    st.session_state[state_key] = current  # only the files still uploaded
+    return out
+
+
+def _id_previews(status: ui.LakeStatus, ids: list[int]) -> list[tuple[str, bytes | None]]:
+    thumbs = status.engine.thumbnails(ids)
     names = st.session_state.get("pick_names", {})
-    return out + [(names.get(i, f"#{i}"), thumbs.get(i)) for i in picked]
+    return [(names.get(i, f"#{i}"), thumbs.get(i)) for i in ids]
 
 
 def _show_queries(previews: list[tuple[str, bytes | None]]) -> None:
@@ -81,8 +178,71 @@ def _show_queries(previews: list[tuple[str, bytes | None]]) -> None:
             st.caption(name)
 
 
-def _search(status: ui.LakeStatus, uploads: list[tuple[str, bytes]], picked: list[int], measure: str, k: int,
-            exclude_query: bool, title: str, previews: list[tuple[str, bytes | None]]) -> None:
+def _options() -> dict[str, Any]:
+    """The search settings from the widgets (measure, distance, k or threshold, filters, weights)."""
+    c1, c2, c3, c4 = st.columns([2, 2, 3, 2], vertical_alignment="bottom")
+    measure = c1.selectbox("Measure", MEASURES, index=MEASURES.index("mix"), key="measure",
+                           help="  \n".join(f"**{m}**: {text}" for m, text in ui.MEASURE_HELP.items()))
+    if measure == "mix":
+        c2.selectbox("Distance", ["fused"], key="distance_mix", disabled=True,
+                     help="mix fuses each measure's default distance; set the weights below")
+        distance = None
+    else:
+        distance = c2.selectbox("Distance", DISTANCES[measure], key=f"distance_{measure}")
+    mode = c4.radio("Mode", ["Top k", "Range"], key="mode", horizontal=True,
+                    help="Top k: the k best images. Range: every image scoring at least the threshold "
+                         "(up to 1000).")
+    if mode == "Range":
+        threshold = c3.slider("Similarity at least", 0.0, 1.0, 0.8, 0.01, key="threshold")
+        k = MAX_K
+    else:
+        threshold = None
+        k = c3.slider("Results (k)", 1, MAX_K, 5, key="k")
+    exclude = st.checkbox("Leave the query images out", value=True, key="exclude_query",
+                          help="drop the query images themselves (and exact copies) from the results")
+    opts: dict[str, Any] = {"measure": measure, "k": k, "distance": distance, "threshold": threshold,
+                            "exclude_query": exclude}
+    return opts
+
+
+def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
+    from imgrec import browse
+
+    with st.expander("Filters and mix weights", icon=":material/tune:"):
+        folders = _cached(status, "folders", lambda: browse.folders(status.engine))
+        labels = _cached(status, "labels", lambda: browse.label_counts(status.engine))
+        collections = sorted({f["collection"] for f in folders})
+        f1, f2, f3 = st.columns(3)
+        opts["collections"] = f1.multiselect("Collections", collections, key="f_collections") or None
+        folder_names = sorted({f["folder"] for f in folders if f["folder"]})
+        opts["folders"] = f2.multiselect("Folders (with sub-folders)", folder_names, key="f_folders") or None
+        counts = dict(labels)
+        opts["labels"] = f3.multiselect("Predicted label", [lab for lab, _ in labels], key="f_labels",
+                                        format_func=lambda lab: f"{lab} ({counts.get(lab, 0)})") or None
+        st.markdown("**Mix weights** (used by the *mix* measure)")
+        defaults = status.engine.config.weights
+        w1, w2, w3 = st.columns(3)
+        weights = {
+            "embedding": w1.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.6)), 0.05, key="w_embedding"),
+            "color": w2.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.25)), 0.05, key="w_color"),
+            "hash": w3.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.15)), 0.05, key="w_hash"),
+        }
+        opts["weights"] = weights if opts["measure"] == "mix" else None
+        a1, a2 = st.columns(2)
+        opts["aggregate"] = a1.selectbox(
+            "Several query images", ["softmin", "mean", "min"], key="aggregate",
+            help="softmin: close to every query image (default); mean: average; min: the worst match counts")
+        opts["negative_weight"] = a2.slider(
+            "Weight of 'less like this'", 0.0, 1.0, 0.5, 0.05, key="negative_weight",
+            help="the score loses this times the image's similarity to its closest negative example")
+
+
+# --- searching and showing ----------------------------------------------------------------------------------------
+
+
+def _search(status: ui.LakeStatus, uploads: list[tuple[str, bytes]], picked: list[int], opts: dict[str, Any],
+            title: str, previews: list[tuple[str, bytes | None]], neg_uploads: list[tuple[str, bytes]] = (),
+            neg_ids: list[int] = (), neg_previews: list[tuple[str, bytes | None]] = ()) -> None:
     """Run one search and keep its outcome in the session (errors as st.error, never a traceback)."""
     from imgrec.lake import LakeError
     from imgrec.search import QueryError
@@ -90,8 +250,8 @@ def _search(status: ui.LakeStatus, uploads: list[tuple[str, bytes]], picked: lis
     st.session_state.pop(RESULT_KEY, None)
     try:
         with st.spinner("Searching…"):
-            resp = ui.run_search(status.engine, uploads, picked, measure, k, exclude_query=exclude_query)
-            thumbs = status.engine.thumbnails([r.image_id for r in resp.results])
+            resp = ui.run_search(status.engine, uploads, picked, negative_uploads=neg_uploads,
+                                 negative_ids=neg_ids, **opts)
     except (QueryError, LakeError) as exc:
         st.error(f"Cannot search: {exc}")
         return
@@ -99,41 +259,138 @@ def _search(status: ui.LakeStatus, uploads: list[tuple[str, bytes]], picked: lis
         log.exception("search failed")
         st.error(f"The search failed unexpectedly ({type(exc).__name__}: {exc}). Details are in the server log.")
         return
-    names = st.session_state.setdefault("pick_names", {})
-    for r in resp.results:  # so that "more like this" can name its query
-        names.setdefault(r.image_id, _name({"image_id": r.image_id, "relpath": r.relpath, "path": r.path,
-                                            "label": r.label}))
-    st.session_state[RESULT_KEY] = {"lake": str(status.path), "title": title, "response": resp,
-                                    "thumbs": thumbs, "queries": previews}
+    _remember_names([{"image_id": r.image_id, "relpath": r.relpath, "path": r.path, "label": r.label}
+                     for r in resp.results])
+    st.session_state[RESULT_KEY] = {"lake": str(status.path), "title": title, "response": resp, "page": 0, "opts": opts,
+                                    "queries": previews, "negatives": list(neg_previews), "thumbs": {},
+                                    "rendered": False}
 
 
-def _show_result(state: dict[str, Any]) -> None:
+def _details(status: ui.LakeStatus, r: Any, state: dict[str, Any]) -> None:
+    """The full image with its metadata, its palette beside the query images', and its path."""
+    from imgrec import browse
+    from imgrec.features.color import palette
+
+    engine = status.engine
+    try:
+        info = browse.details(engine, r.image_id)
+    except KeyError:
+        st.error(f"Image #{r.image_id} is no longer in the lake.")
+        return
+    bins = tuple(engine.index.meta["color_bins"]) if engine.index else (8, 4, 4)
+    left, right = st.columns([3, 2])
+    with left:
+        try:
+            st.image(browse.full_image(engine, r.image_id), width="stretch")
+        except Exception as exc:  # gone, changed, unreadable, outside the collection
+            st.warning(f"Cannot show the file: {exc}")
+            thumb = state["thumbs"].get(r.image_id)
+            if thumb:
+                st.image(thumb)
+        st.code(r.path, language=None)
+    with right:
+        st.markdown(f"**#{r.rank} · score {r.score:.3f}**")
+        st.caption("scores: " + ui.format_scores(r.scores))
+        st.caption("rank under each measure (among the candidates): " + ui.format_ranks(r.ranks))
+        if info.get("hist") is not None:
+            st.markdown("Palette of this image")
+            st.html(ui.swatches(palette(info["hist"], bins)))
+        resp = state["response"]
+        for (name, _), hist in zip(state["queries"], resp.query_hists, strict=False):
+            st.markdown(f"Palette of the query {name}")
+            st.html(ui.swatches(palette(hist, bins)))
+        meta = {
+            "image id": info["image_id"], "collection": info["collection"], "file": info["relpath"],
+            "size": f"{info['width']} x {info['height']} px, {int(info['size_bytes'] or 0) / 1e3:,.0f} kB",
+            "format": f"{info['format']} ({info['mode']})", "modified": str(info.get("mtime") or "")[:19],
+            "content hash": info.get("content_hash"),
+        }
+        st.dataframe([{"field": k, "value": str(v)} for k, v in meta.items()], hide_index=True, width="stretch")
+        if info.get("labels"):
+            st.markdown("Predicted labels (ImageNet)")
+            st.dataframe([{"label": lab, "probability": round(float(p), 3)}
+                          for lab, p in zip(info["labels"], info["probs"] or [], strict=False)],
+                         hide_index=True, width="stretch")
+
+
+@st.dialog("Image details", width="large")
+def _details_dialog(status: ui.LakeStatus, r: Any, state: dict[str, Any]) -> None:
+    _details(status, r, state)
+
+
+def _card(status: ui.LakeStatus, r: Any, state: dict[str, Any], mix: bool) -> None:
+    thumb = state["thumbs"].get(r.image_id)
+    if thumb:
+        st.image(thumb, width="stretch")
+    else:
+        st.caption("(no thumbnail)")
+    st.markdown(f"**#{r.rank} · {r.score:.3f}**")
+    st.html(ui.contribution_bar(r.score, r.contributions if mix else {}, state["response"].measure))
+    st.caption(ui.format_scores(r.scores))
+    st.caption("ranks: " + ui.format_ranks(r.ranks), help="rank of this image under each measure alone, among the "
+               "candidates of this search")
+    st.caption(f"{r.relpath or r.path}" + (f" · {r.label}" if r.label else ""))
+    st.button("More like this", key=f"more_{r.image_id}", on_click=_more_like, args=(r.image_id,),
+              icon=":material/manage_search:", width="stretch", help="search with this image alone (its stored "
+              "features: nothing is re-computed)")
+    b1, b2, b3 = st.columns(3)
+    b1.button("", key=f"add_{r.image_id}", on_click=_add_to_query, args=(r.image_id,), icon=":material/add:",
+              help="add to the query images", width="stretch")
+    b2.button("", key=f"less_{r.image_id}", on_click=_less_like, args=(r.image_id,), icon=":material/remove:",
+              help="less like this: add as a negative example", width="stretch")
+    if b3.button("", key=f"details_{r.image_id}", icon=":material/open_in_full:", help="the full image, its "
+                 "metadata and palette", width="stretch"):
+        _details_dialog(status, r, state)
+
+
+def _show_result(status: ui.LakeStatus, state: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
     resp = state["response"]
     st.subheader(state["title"])
     _show_queries(state["queries"])
+    if state["negatives"]:
+        st.caption("less like:")
+        _show_queries(state["negatives"])
     total = resp.timings_ms.get("total", sum(resp.timings_ms.values()))
+    threshold = state.get("opts", {}).get("threshold")
+    mode = f" · every image scoring at least {threshold:.2f}" if threshold is not None else ""
     st.markdown(f"**{len(resp.results)} results** · {resp.measure} ({resp.distance}) · "
-                f"{resp.candidates:,} candidates · query time **{total:.1f} ms**")
+                f"{resp.candidates:,} candidates · query time **{total:.1f} ms**{mode}")
     st.caption(f"stages: {ui.format_timings(resp.timings_ms)}")
+    if resp.measure == "mix":
+        st.html(" ".join(f'<span style="color:{c}">■</span> {m}' for m, c in ui.MEASURE_COLORS.items())
+                + " <span style='color:#888'>: what each measure contributed to the score</span>")
     if not resp.results:
-        st.info("No image of the lake matches (all were excluded?).")
+        st.info("No image of the lake matches (all were excluded or filtered out, or none reaches the threshold).")
         return
-    for start in range(0, len(resp.results), GRID_COLUMNS):
+    per_page = PAGE_SIZE
+    if len(resp.results) > 10:
+        per_page = st.selectbox("Per page", [10, 20, 50], index=1, key="per_page")
+    pages = -(-len(resp.results) // per_page)
+    page = min(state.get("page", 0), pages - 1)
+    shown = resp.results[page * per_page:(page + 1) * per_page]
+    missing = [r.image_id for r in shown if r.image_id not in state["thumbs"]]
+    if missing:
+        state["thumbs"].update(status.engine.thumbnails(missing))
+    for start in range(0, len(shown), GRID_COLUMNS):
         cols = st.columns(GRID_COLUMNS)
-        for col, r in zip(cols, resp.results[start:start + GRID_COLUMNS], strict=False):
+        for col, r in zip(cols, shown[start:start + GRID_COLUMNS], strict=False):
             with col, st.container(border=True):
-                thumb = state["thumbs"].get(r.image_id)
-                if thumb:
-                    st.image(thumb, width="stretch")
-                else:
-                    st.caption("(no thumbnail)")
-                st.markdown(f"**#{r.rank} · {r.score:.3f}**")
-                st.caption(ui.format_scores(r.scores))
-                st.caption(f"{r.relpath or r.path}" + (f" · {r.label}" if r.label else ""))
-                st.button("More like this", key=f"more_{r.image_id}", on_click=_more_like, args=(r.image_id,),
-                          icon=":material/manage_search:", width="stretch")
+                _card(status, r, state, resp.measure == "mix")
+    if pages > 1:
+        st.caption(f"page {page + 1} of {pages} ({per_page} per page)")
+        cols = st.columns(min(pages, 10))
+        for p in range(min(pages, 10)):
+            cols[p].button(f"{p + 1}", key=f"page_{p}", on_click=_set_page, args=(p,), disabled=p == page,
+                           width="stretch")
+    if not state["rendered"]:  # the first drawing of these results: its time goes to the profiling page
+        state["rendered"] = True
+        status.engine.record_stage(resp.query_id, "render", (time.perf_counter() - t0) * 1000.0)
 
 
+# --- the page ------------------------------------------------------------------------------------------------------
+
+st.set_page_config(page_title="Search · imgrec", page_icon=":material/image_search:", layout="wide")
 st.title("Search")
 status = ui.sidebar()
 if status.error:
@@ -143,44 +400,54 @@ if status.size == 0:
     ui.empty_lake_message(status)
     st.stop()
 
-upload_tab, pick_tab = st.tabs(["Upload images", "Pick from the collection"])
+max_mb = max(1, status.engine.config.max_upload_bytes // 2**20)
+upload_tab, pick_tab, folder_tab, name_tab = st.tabs(
+    ["Upload images", "Pick from the collection", "Browse folders", "Find by file name"])
 with upload_tab:
     files = st.file_uploader(
         f"1 to {ui.MAX_QUERY_IMAGES} query images", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
-        key="uploads", max_upload_size=max(1, status.engine.config.max_upload_bytes // 2**20),
+        key="uploads", max_upload_size=max_mb,
+    ) or []
+    neg_files = st.file_uploader(
+        "Less like these (optional negative examples)", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
+        key="neg_uploads", max_upload_size=max_mb,
     ) or []
 with pick_tab:
     rows = _sample(status)
     names: dict[int, str] = st.session_state.setdefault("pick_names", {})
     chosen = [i for i in st.session_state.get("picked", []) if i in names]
-    # picks from an earlier sample stay selectable; appended so that the options keep their order (the widget's
-    # identity depends on them, and a changed identity would drop the selection)
+    # picks from elsewhere (an earlier sample, a folder, a result) stay selectable; appended so that the options
+    # keep their order (the widget's identity depends on them, and a changed identity would drop the selection)
     options = list(dict.fromkeys([r["image_id"] for r in rows] + chosen))
     picked = st.multiselect(
-        f"Images of the lake (a random sample of {len(rows)})", options, format_func=lambda i: names.get(i, f"#{i}"),
-        key="picked", max_selections=ui.MAX_QUERY_IMAGES, placeholder="Choose by name or id",
+        f"Images of the lake (a random sample of {len(rows)}, or added from elsewhere)", options,
+        format_func=lambda i: names.get(i, f"#{i}"), key="picked", max_selections=ui.MAX_QUERY_IMAGES,
+        placeholder="Choose by name or id",
     )
     st.button("New sample", on_click=_new_sample, icon=":material/shuffle:")
     with st.expander("Browse the sample", expanded=False):
-        bcols = st.columns(8)
-        for j, r in enumerate(rows):
-            with bcols[j % 8]:
-                if r.get("thumb"):
-                    st.image(r["thumb"], width="stretch")
-                st.caption(f"#{r['image_id']}")
+        _grid(rows, "adds")
+with folder_tab:
+    _folder_tab(status)
+with name_tab:
+    _name_tab(status)
 
-c1, c2, c3 = st.columns([2, 3, 2], vertical_alignment="bottom")
-measure = c1.selectbox("Measure", MEASURES, index=MEASURES.index("mix"), key="measure",
-                       help="  \n".join(f"**{m}**: {text}" for m, text in ui.MEASURE_HELP.items()))
-k = c2.slider("Results (k)", 1, 50, 5, key="k")
-exclude = c3.checkbox("Leave the query images out", value=True, key="exclude_query",
-                      help="drop the query images themselves (and exact copies) from the results")
+opts = _options()
+_filters(status, opts)
 
 uploads = [(f.name, f.getvalue()) for f in files]
-previews = _previews(status, files, list(picked), rows)
+neg_uploads = [(f.name, f.getvalue()) for f in neg_files]
+neg_ids = [int(i) for i in st.session_state.get(NEG_KEY, [])]
+previews = _upload_previews(files, "upload_thumbs") + _id_previews(status, list(picked))
+neg_previews = _upload_previews(neg_files, "neg_upload_thumbs") + _id_previews(status, neg_ids)
 if previews:
     st.markdown(f"**Query images** ({len(previews)})")
     _show_queries(previews)
+if neg_previews:
+    st.markdown(f"**Less like these** ({len(neg_previews)})")
+    _show_queries(neg_previews)
+    if neg_ids:
+        st.button("Clear the negative examples", on_click=_clear_negatives, icon=":material/clear:")
 n_queries = len(previews)
 too_many = n_queries > ui.MAX_QUERY_IMAGES
 if too_many:
@@ -194,14 +461,13 @@ if n_queries == 0:
 more = st.session_state.pop(MORE_KEY, None)
 if clicked:
     title = "Results for " + ", ".join([n for n, _ in uploads] + [f"#{i}" for i in picked])
-    _search(status, uploads, list(picked), measure, k, exclude, title, previews)
+    _search(status, uploads, list(picked), opts, title, previews, neg_uploads, neg_ids, neg_previews)
 elif more is not None:
     more = int(more)
-    before = st.session_state.get(RESULT_KEY, {}).get("thumbs", {})
-    preview = [(st.session_state.get("pick_names", {}).get(more, f"#{more}"), before.get(more))]
-    _search(status, [], [more], measure, k, True, f"More like #{more}", preview)
+    alone = {**opts, "exclude_query": True}
+    _search(status, [], [more], alone, f"More like #{more}", _id_previews(status, [more]))
 
 result = st.session_state.get(RESULT_KEY)
 if result is not None and result["lake"] == str(status.path):
     st.divider()
-    _show_result(result)
+    _show_result(status, result)

@@ -124,6 +124,18 @@ def results(at: AppTest) -> list[tuple[int, float]]:
     return [(int(m[1]), float(m[2])) for e in at.markdown if (m := RESULT.match(str(e.value)))]
 
 
+def result_keys(at: AppTest) -> list[str]:
+    """Keys of the result cards' "More like this" buttons (more_<image id>), in rank order."""
+    return [b.key for b in at.button if (b.key or "").startswith("more_")]
+
+
+def image_id(lake: Path, relpath: str) -> int:
+    from imgrec import ui
+
+    engine = ui.open_engine(str(lake))
+    return int(engine.cursor().execute("SELECT image_id FROM images WHERE relpath = ?", [relpath]).fetchone()[0])
+
+
 def button(at: AppTest, label: str) -> Button:
     return next(b for b in at.button if b.label == label)
 
@@ -237,12 +249,13 @@ def test_upload_search(filled_lake: Path, filled: tuple[Path, dict[str, bytes]])
     assert [r for r, _ in results(at)] == [1, 2, 3, 4, 5]
     assert [c.value for c in at.caption].count("circle.jpg") == 2  # the query, above and with the results
     # with the query left out (the default) its own file, found by its content hash, is not a result
-    assert "shapes/circle.jpg" not in texts(at)
+    circle = f"more_{image_id(filled_lake, 'shapes/circle.jpg')}"
+    assert circle not in result_keys(at)
 
     at.checkbox(key="exclude_query").uncheck()
     button(at, "Search").click().run()
     assert results(at)[0][1] == pytest.approx(1.0, abs=1e-3)  # now it finds itself first, at full score
-    assert "shapes/circle.jpg" in texts(at)
+    assert result_keys(at)[0] == circle
 
 
 def test_broken_upload_is_a_clear_error(filled_lake: Path) -> None:
@@ -325,3 +338,92 @@ def test_run_search_helper(filled: tuple[Path, dict[str, bytes]]) -> None:
         ui.run_search(engine, [(n, b) for n, b in images.items()][:3], ids[:3])
     with pytest.raises(QueryError, match="upload or pick"):
         ui.run_search(engine, [], [])
+
+
+# --- the search page's other ways in and out -------------------------------------------------------------------
+
+
+def test_add_a_result_to_the_query_and_less_like_this(filled_lake: Path) -> None:
+    at = search_page()
+    (query,) = pick(at)
+    button(at, "Search").click().run()
+    first, second = [int(k.removeprefix("more_")) for k in result_keys(at)[:2]]
+    at.button(key=f"add_{first}").click().run()
+    assert not at.exception
+    assert at.multiselect(key="picked").value == [query, first]  # now two query images
+    at.button(key=f"less_{second}").click().run()
+    assert "**Less like these** (1)" in texts(at)
+    button(at, "Search").click().run()
+    assert not at.exception and not at.error
+    keys = result_keys(at)
+    assert f"more_{second}" not in keys and f"more_{first}" not in keys and f"more_{query}" not in keys
+    assert at.subheader[-1].value == f"Results for #{query}, #{first}"
+    button(at, "Clear the negative examples").click().run()
+    assert "Less like these" not in texts(at)
+
+
+def test_browse_folders_and_find_by_name(filled_lake: Path) -> None:
+    at = search_page()
+    folder = at.selectbox(key="browse_folder")
+    assert folder.options == [
+        "pictures / gradient (4)", "pictures / shapes (4)", "pictures / solid (4)"]
+    folder.set_value(1).run()
+    adds = [b for b in at.button if (b.key or "").startswith("addf_")]
+    assert len(adds) == 4
+    target = int(adds[0].key.removeprefix("addf_"))
+    adds[0].click().run()
+    assert at.multiselect(key="picked").value == [target]
+    assert at.button(key=f"addf_{target}").disabled  # already in the query
+    at.text_input(key="find_name").input("sea").run()
+    found = [b for b in at.button if (b.key or "").startswith("addn_")]
+    assert len(found) == 1 and "1 image(s)" in texts(at)
+    found[0].click().run()
+    assert len(at.multiselect(key="picked").value) == 2
+    button(at, "Search").click().run()
+    assert not at.exception and [r for r, _ in results(at)] == [1, 2, 3, 4, 5]
+
+
+def test_range_mode_filters_paging_and_weights(filled_lake: Path) -> None:
+    at = search_page()
+    pick(at)
+    at.radio(key="mode").set_value("Range").run()
+    at.slider(key="threshold").set_value(0.0).run()
+    at.checkbox(key="exclude_query").uncheck().run()
+    button(at, "Search").click().run()
+    assert not at.exception and not at.error
+    assert "every image scoring at least 0.00" in texts(at)
+    at.selectbox(key="per_page").set_value(10).run()
+    assert [r for r, _ in results(at)] == list(range(1, 11))  # page 1 of 2
+    at.button(key="page_1").click().run()
+    assert [r for r, _ in results(at)] == [11, 12]
+    # a label filter: only images with that predicted label
+    labels = at.multiselect(key="f_labels")
+    label = labels.options[0]
+    labels.set_value([label.split(" (")[0]]).run()
+    at.radio(key="mode").set_value("Top k").run()
+    button(at, "Search").click().run()
+    assert not at.exception and results(at)
+    n = int(label.rsplit("(", 1)[1].rstrip(")"))
+    assert len(results(at)) == min(5, n)
+    # weights: all on colour, mix ranks as colour does
+    at.multiselect(key="f_labels").set_value([]).run()
+    at.slider(key="w_embedding").set_value(0.0)
+    at.slider(key="w_hash").set_value(0.0)
+    at.slider(key="w_color").set_value(1.0).run()
+    button(at, "Search").click().run()
+    mix_order = result_keys(at)
+    at.selectbox(key="measure").set_value("color").run()
+    button(at, "Search").click().run()
+    assert result_keys(at) == mix_order
+
+
+def test_result_details_dialog(filled_lake: Path) -> None:
+    at = search_page()
+    pick(at)
+    button(at, "Search").click().run()
+    first = result_keys(at)[0].removeprefix("more_")
+    at.button(key=f"details_{first}").click().run()
+    assert not at.exception and not at.error
+    page = texts(at)
+    assert "Palette of this image" in page and "Palette of the query" in page
+    assert any(str(filled_lake.parent / "pictures") in c.value for c in at.code)  # the path
