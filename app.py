@@ -17,6 +17,8 @@ def home(status: ui.LakeStatus) -> None:
         return
     if status.size == 0:
         ui.empty_lake_message(status)
+        st.page_link("pages/2_Collection.py", label="Ingest a first folder from the Collection page",
+                     icon=":material/create_new_folder:")
         return
 
     engine = status.engine
@@ -46,8 +48,9 @@ def home(status: ui.LakeStatus) -> None:
         hide_index=True, width="stretch",
     )
     st.subheader("Add images")
-    st.markdown("Ingest a folder (walked recursively; running it again only adds what changed). "
-                "The app picks up the new snapshot on the next interaction.")
+    st.page_link("pages/2_Collection.py", label="Add a folder from the Collection page (progress, stop, resume)",
+                 icon=":material/photo_library:")
+    st.caption("Or from a terminal (walked recursively; running it again only adds what changed):")
     st.code(ui.ingest_command(status.path), language="bash")
 
 

@@ -22,6 +22,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     cfg = _config(args, model=args.model, workers=args.workers, batch_size=args.batch_size, device=args.device,
                   commit_every=args.commit_every)
+    if args.progress_json:  # machine-readable progress on stdout (the app's background ingestion reads it)
+        on_progress, log = _json_progress()
+        report = ingest(args.roots, cfg, progress=False, on_progress=on_progress, log=log,
+                        build_index=not args.no_index)
+        _emit({"event": "report", **report.to_json()})
+        return 130 if report.interrupted else 0
     report = ingest(args.roots, cfg, progress=not args.quiet and sys.stderr.isatty() or args.progress,
                     build_index=not args.no_index)
     if args.json:
@@ -29,6 +35,37 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
     return 130 if report.interrupted else 0
+
+
+def _emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
+    """ingest() callbacks printing one JSON line per progress update (at most one per ``every_s``, and the last one):
+    ``{"event": "progress", "done", "total", "images_per_s", "elapsed_s"}``; log lines also as ``{"event": "log"}``."""
+    import time
+
+    t_start = time.perf_counter()
+    first: list[float] = []  # time and count at the first image: the rate leaves out the scan and the model load
+    last = [0.0]
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if not first:
+            first.extend((now, float(done)))
+        if done < total and now - last[0] < every_s and done > 1:
+            return
+        last[0] = now
+        rate = (done - first[1]) / (now - first[0]) if now > first[0] and done > first[1] else 0.0
+        _emit({"event": "progress", "done": done, "total": total, "images_per_s": round(rate, 2),
+               "elapsed_s": round(now - t_start, 2)})
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        _emit({"event": "log", "message": message, "elapsed_s": round(time.perf_counter() - t_start, 2)})
+
+    return on_progress, log
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -119,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp.add_argument("--progress-json", action="store_true",
+                    help="print one JSON line per progress update (done, total, images_per_s, elapsed_s), at most "
+                         "4 a second, then the report as a JSON line (for programs such as the app)")
     sp.set_defaults(func=cmd_ingest)
 
     sp = sub.add_parser("index", help="build the search index of the lake's current snapshot")

@@ -289,17 +289,19 @@ def ingest(
                 if row["image_id"] not in state.relinked_ids:
                     batch.add("removed", {"image_id": row["image_id"], "reason": "deleted", "removed_at": now()})
                     report.removed += 1
-        report.seconds = time.perf_counter() - t_start
-        report.stages = {k: round(v, 3) for k, v in stages.items()}
-        changed = bool(batch.rows) or state.committed
-        if changed:  # a run that changed nothing leaves the snapshot (and so the index) as it was
-            batch.add("runs", {"run_id": uuid.uuid4().hex[:12], "started_at": started_at, "finished_at": now(),
-                               "stats": json.dumps(report.to_json())})
+        changed = bool(batch.rows) or bool(batch.crops) or state.committed
         state.flush()
         if changed and not report.interrupted:
             t0 = time.perf_counter()
             writer.compact()
             stages["compact"] += time.perf_counter() - t0
+        report.seconds = time.perf_counter() - t_start
+        report.stages = {k: round(v, 3) for k, v in stages.items()}
+        report.device = state.device
+        if changed:  # the run's own row, in a last small commit; a run that changed nothing commits nothing
+            batch.add("runs", {"run_id": uuid.uuid4().hex[:12], "started_at": started_at, "finished_at": now(),
+                               "stats": json.dumps(report.to_json())})
+            state.flush()
         report.snapshot = lake.snapshot()
     report.device = state.device
     if build_index and not report.interrupted:

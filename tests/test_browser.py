@@ -322,7 +322,7 @@ def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: P
     _settle(page, "search page")
 
     page.get_by_role("tab", name="Upload images").click()
-    page.get_by_test_id("stFileUploader").locator("input[type=file]").set_input_files(str(query))
+    page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(str(query))
     expect(page.get_by_text("query_photo.jpg").first).to_be_visible()
     _settle(page, "after upload")
     search = page.get_by_role("button", name="Search", exact=True)

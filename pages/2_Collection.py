@@ -1,0 +1,394 @@
+"""Collection: what the lake holds (counts, formats, sizes, dimensions, labels), the files it could not read,
+duplicate groups (exact and near), and adding a folder of images in the background."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+
+from imgrec import ui
+
+if TYPE_CHECKING:
+    from imgrec.collection import DuplicateGroup, Duplicates
+    from imgrec.jobs import JobState
+    from imgrec.search import Engine
+
+log = logging.getLogger("imgrec.app")
+
+FOLDER_KEY = "collection_folder"
+START_ERROR_KEY = "collection_start_error"  # (lake, message) of the last Start that could not start
+SEEN_KEY = "collection_seen_job"  # id of the finished job this session already reloaded for
+MAX_GROUPS = 200  # groups computed with their members; the page shows the first "Groups shown" of them
+MAX_MEMBERS = 16  # thumbnails shown per group
+THUMB = 150  # thumbnail width in pixels
+MEASURE_BITS = {"phash+dhash": 128, "phash": 64, "dhash": 64}
+
+
+# --- cached computations: process-wide, one entry per (lake, snapshot, parameters) ---------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _overview(lake: str, snapshot: int, _engine: Engine) -> dict[str, Any]:
+    from imgrec import collection as col
+
+    return {
+        "overview": col.overview(_engine), "sizes": col.size_histogram(_engine),
+        "dimensions": col.dimension_histogram(_engine), "quantiles": col.quantiles(_engine),
+        "common": col.common_dimensions(_engine), "labels": col.top_labels(_engine, 25),
+        "runs": col.recent_runs(_engine), "reasons": col.skipped_reasons(_engine),
+        "skipped": col.skipped_files(_engine, 2000),
+    }
+
+
+@st.cache_data(show_spinner="Grouping exact copies…", max_entries=32)
+def _exact(lake: str, snapshot: int, _engine: Engine) -> Duplicates:
+    from imgrec.collection import exact_duplicates
+
+    return exact_duplicates(_engine, limit=MAX_GROUPS)
+
+
+@st.cache_data(show_spinner="Finding near-duplicates…", max_entries=32)
+def _near(lake: str, snapshot: int, measure: str, max_distance: int, _engine: Engine) -> Duplicates:
+    from imgrec.collection import near_duplicates
+
+    return near_duplicates(_engine, max_distance, measure, limit=MAX_GROUPS)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _thumbs(lake: str, snapshot: int, ids: tuple[int, ...], _engine: Engine) -> dict[int, bytes]:
+    return _engine.thumbnails(list(ids))
+
+
+# --- small helpers -------------------------------------------------------------------------------------------------
+
+
+def _mb(n: int | float | None) -> str:
+    n = float(n or 0)
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MB"
+    return f"{n / 2**10:.0f} KB"
+
+
+def _bar(rows: list[dict[str, Any]], x: str, y: str, *, sort: str | list[str] | None = None, color: str | None = None,
+         horizontal: bool = False, height: int = 260) -> None:
+    """An Altair bar chart of ``rows`` (count ``y`` per category ``x``)."""
+    import altair as alt
+
+    if not rows:
+        st.caption("(nothing to show)")
+        return
+    data = alt.Data(values=rows)
+    axis = alt.Axis(labelLimit=240, labelOverlap=False)
+    cat = (alt.X(f"{x}:N", sort=sort, title=None, axis=axis) if not horizontal
+           else alt.Y(f"{x}:N", sort=sort, title=None, axis=axis))
+    num = alt.Y(f"{y}:Q", title=y) if not horizontal else alt.X(f"{y}:Q", title=y)
+    enc: dict[str, Any] = {"x": cat, "y": num} if not horizontal else {"y": cat, "x": num}
+    enc["tooltip"] = [f"{x}:N", f"{y}:Q"] + ([f"{color}:N"] if color else [])
+    if color:
+        enc["color"] = alt.Color(f"{color}:N", title=None)
+    st.altair_chart(alt.Chart(data).mark_bar().encode(**enc).properties(height=height), width="stretch")
+
+
+# --- adding a folder -----------------------------------------------------------------------------------------------
+
+
+def _start(lake: str) -> None:
+    from imgrec import jobs
+
+    st.session_state.pop(START_ERROR_KEY, None)
+    try:
+        jobs.start(st.session_state.get(FOLDER_KEY, ""), lake)
+    except jobs.JobError as exc:
+        st.session_state[START_ERROR_KEY] = (lake, str(exc))
+    except Exception as exc:  # never a traceback on the page
+        log.exception("cannot start an ingestion")
+        st.session_state[START_ERROR_KEY] = (lake, f"cannot start the ingestion ({type(exc).__name__}: {exc})")
+
+
+def _stop(lake: str) -> None:
+    from imgrec import jobs
+
+    jobs.stop(lake)
+
+
+def _dismiss(lake: str) -> None:
+    from imgrec import jobs
+
+    jobs.dismiss(lake)
+
+
+def _job_progress(state: JobState) -> None:
+    if state.total is None:
+        st.progress(0.0, text=f"Scanning `{state.folder}`… ({state.elapsed_s:.0f} s)")
+    elif state.total and state.done >= state.total and state.status != "stopping":
+        st.progress(1.0, text=f"{state.done:,} / {state.total:,} files · finishing: the last embeddings, the "
+                              f"commit, the search index… ({state.elapsed_s:.0f} s)")
+    else:
+        rate = f" · {state.images_per_s:.1f} images/s" if state.images_per_s else ""
+        eta = ""
+        if state.images_per_s and state.total:
+            eta = f" · about {max(0, state.total - state.done) / state.images_per_s:.0f} s left"
+        st.progress(state.fraction, text=f"{state.done:,} / {state.total:,} files{rate}{eta} "
+                                         f"({state.elapsed_s:.0f} s)")
+    st.caption(f"Ingesting `{state.folder}`" + (f" · {state.message}" if state.message else ""))
+
+
+def _job_outcome(state: JobState, status: ui.LakeStatus) -> None:
+    report = state.report or {}
+    if state.status == "done":
+        snap = report.get("snapshot", -1)
+        served = "the page shows it now" if status.snapshot >= snap else "it is picked up at the next interaction"
+        processed = int(report.get("processed", 0))
+        rate = f", {processed / state.elapsed_s:.1f} images/s overall" if processed and state.elapsed_s else ""
+        changed = processed or report.get("relinked") or report.get("removed") or report.get("skipped")
+        outcome = f"New snapshot {snap}: {served}." if changed else f"Nothing changed: the lake stays at snapshot {snap}."
+        st.success(f"Done: {processed:,} images ingested from `{state.folder}` in {state.elapsed_s:.0f} s{rate}; "
+                   f"{report.get('unchanged', 0):,} unchanged, {report.get('skipped', 0):,} unreadable. {outcome}")
+    elif state.status == "stopped":
+        st.warning(f"Stopped: {report.get('processed', state.done):,} images of `{state.folder}` were committed. "
+                   "Start the same folder again to resume where it stopped; the search index (and so this page) "
+                   "is brought up to date when a run completes.")
+    else:
+        st.error(f"The ingestion of `{state.folder}` failed: {state.error or 'unknown error'}")
+        if state.log:
+            with st.expander("Log"):
+                st.code("\n".join(state.log[-20:]), language=None)
+
+
+def _job_running(status: ui.LakeStatus) -> bool:
+    from imgrec import jobs
+
+    job = jobs.current(str(status.path))
+    return job is not None and job.running
+
+
+def _ingest_panel(status: ui.LakeStatus) -> None:
+    """The folder field, Start, and the progress of this lake's job (refreshed every second while it runs)."""
+    from imgrec import jobs
+
+    lake = str(status.path)
+    job = jobs.current(lake)
+    running = job is not None and job.running
+    if job is not None and not st.session_state.get(FOLDER_KEY):  # back on the page: the job's folder, to resume
+        st.session_state[FOLDER_KEY] = job.folder
+    with st.container(border=True):
+        st.markdown("**Add images** · a folder on this machine, walked recursively; running it again only adds what "
+                    "changed, and a stopped run resumes.")
+        c1, c2 = st.columns([5, 1], vertical_alignment="bottom")
+        c1.text_input("Folder of images", key=FOLDER_KEY, placeholder="/path/to/photos",
+                      label_visibility="collapsed")
+        c2.button("Start", type="primary", icon=":material/play_arrow:", on_click=_start, args=(lake,),
+                  disabled=running, width="stretch", key="collection_start")
+        err = st.session_state.get(START_ERROR_KEY)
+        if err and err[0] == lake and not running:
+            st.error(f"Cannot start: {err[1]}")
+        st.caption(f"The same as `{ui.ingest_command(status.path).replace('FOLDER', '<folder>')}`, in the "
+                   "background: other pages stay usable.")
+
+        @st.fragment(run_every=1.0 if running else None)
+        def progress() -> None:
+            current = jobs.current(lake)
+            if current is None:
+                return
+            state = current.state()
+            if state.running:
+                _job_progress(state)
+                st.button("Stop", icon=":material/stop:", on_click=_stop, args=(lake,), key="collection_stop",
+                          help="finish the image in hand, commit, stop (press again to stop at once)")
+                return
+            if running and st.session_state.get(SEEN_KEY) != state.id:
+                st.session_state[SEEN_KEY] = state.id
+                st.rerun()  # the whole page: the sidebar's engine moves to the new snapshot
+            st.session_state[SEEN_KEY] = state.id
+            _job_outcome(state, status)
+            st.button("Dismiss", on_click=_dismiss, args=(lake,), key="collection_dismiss")
+
+        progress()
+
+
+# --- the lake ------------------------------------------------------------------------------------------------------
+
+
+def _show_overview(status: ui.LakeStatus, data: dict[str, Any]) -> None:
+    ov = data["overview"]
+    st.dataframe([{"collection": c["collection"], "folder": c["root"], "images": c["images"],
+                   "size": _mb(c["bytes"])} for c in ov.collections], hide_index=True, width="stretch")
+    c1, c2 = st.columns(2)
+    with c1:
+        st.markdown("**Formats** (images)")
+        _bar(ov.formats, "format", "images", sort="-x", horizontal=True, height=40 + 26 * len(ov.formats))
+    with c2:
+        st.markdown("**File sizes** (images per size range)")
+        _bar(data["sizes"], "bin", "images", sort=[r["bin"] for r in data["sizes"]])
+    c1, c2 = st.columns(2)
+    with c1:
+        st.markdown("**Dimensions** (longer side)")
+        bins = list(dict.fromkeys(r["bin"] for r in data["dimensions"]))
+        _bar(data["dimensions"], "bin", "images", sort=bins, color="orientation")
+    with c2:
+        st.markdown("**Quantiles**")
+        st.dataframe(data["quantiles"], hide_index=True, width="stretch")
+        st.markdown("**Most frequent dimensions**")
+        st.dataframe(data["common"], hide_index=True, width="stretch")
+    st.markdown("**What the model sees most** (the top ImageNet label of each image)")
+    labels = data["labels"]
+    if labels:
+        _bar(labels, "label", "images", sort="-x", horizontal=True, height=22 * len(labels))
+        st.caption(f"{ov.labelled:,} of {ov.images:,} images labelled; the table has each label's mean "
+                   "probability")
+        with st.expander("Labels table"):
+            st.dataframe(labels, hide_index=True, width="stretch")
+    else:
+        st.caption("No labels yet.")
+    if data["runs"]:
+        st.markdown("**Recent ingestions**")
+        st.dataframe(data["runs"], hide_index=True, width="stretch")
+
+
+def _show_group(group: DuplicateGroup, thumbs: dict[int, bytes], n: int) -> None:
+    hashes: dict[str, int] = {}
+    for m in group.members:
+        hashes[m.content_hash] = hashes.get(m.content_hash, 0) + 1
+    members = group.members[:MAX_MEMBERS]
+    width: int | str = len(members) * (THUMB + 12) + 40 if len(members) <= 6 else "stretch"
+    with st.container(border=True, width=width):
+        if group.kind == "exact":
+            st.markdown(f"**{n}** · {group.size} identical files · {_mb(group.members[0].size_bytes)} each")
+        else:
+            st.markdown(f"**{n}** · {group.size} images · at most {group.max_distance} bits apart")
+        with st.container(horizontal=True, gap="small"):
+            for m in members:
+                with st.container(width=THUMB + 8):
+                    thumb = thumbs.get(m.image_id)
+                    if thumb:
+                        st.image(thumb, width=THUMB)
+                    dims = f"{m.width}×{m.height}" if m.width else "?"
+                    note = ""
+                    if group.kind == "near":
+                        note = " · largest" if m is group.members[0] else f" · Δ {m.distance} bits"
+                        if hashes[m.content_hash] > 1:
+                            note += " · exact copy"
+                    st.caption(f"#{m.image_id} · {m.relpath} · {dims} · {_mb(m.size_bytes)}{note}")
+        if group.size > len(members):
+            st.caption(f"… and {group.size - len(members)} more: "
+                       + ", ".join(f"#{m.image_id}" for m in group.members[len(members):len(members) + 30]))
+
+
+def _show_groups(status: ui.LakeStatus, dups: Duplicates, shown: int) -> None:
+    engine = status.engine
+    groups = dups.groups[:shown]
+    ids = tuple(sorted({m.image_id for g in groups for m in g.members[:MAX_MEMBERS]}))
+    thumbs = _thumbs(str(status.path), status.snapshot, ids, engine) if ids else {}
+    with st.container(horizontal=True, wrap=True, gap="small"):  # small groups side by side
+        for n, group in enumerate(groups, 1):
+            _show_group(group, thumbs, n)
+    if dups.total_groups > len(groups):
+        st.caption(f"Showing {len(groups)} of {dups.total_groups:,} groups (largest first).")
+
+
+def _show_duplicates(status: ui.LakeStatus) -> None:
+    from imgrec.collection import DEFAULT_MAX_DISTANCE, DEFAULT_MEASURE, HASH_MEASURES
+
+    lake, snap, engine = str(status.path), status.snapshot, status.engine
+    st.caption("**Duplicates are the same picture**: exact copies (identical bytes), or near copies (resized, "
+               "re-encoded, recompressed; perceptual hashes a few bits apart). Pictures that are only alike (the "
+               "same subject, another shot) are not duplicates: find those with the **Search** page.")
+    st.page_link("pages/1_Search.py", label="Similar pictures: the Search page", icon=":material/image_search:")
+    shown = st.select_slider("Groups shown (largest first)", [5, 10, 20, 50, 100, MAX_GROUPS], 10,
+                             key="collection_groups_shown")
+
+    st.subheader("Exact duplicates: same bytes")
+    exact = _exact(lake, snap, engine)
+    if not exact.total_groups:
+        st.success("No exact copies: every file has different bytes.")
+    else:
+        st.markdown(f"**{exact.total_groups:,} groups** · {exact.images:,} files · "
+                    f"{_mb(exact.redundant_bytes)} in redundant copies")
+        _show_groups(status, exact, shown)
+
+    st.subheader("Near duplicates: same picture, other file")
+    c1, c2 = st.columns([1, 3])
+    measure = c1.selectbox("Hash", list(HASH_MEASURES), index=list(HASH_MEASURES).index(DEFAULT_MEASURE),
+                           key="collection_measure",
+                           help="phash+dhash: both 64-bit hashes (128 bits), the most specific; phash: the DCT "
+                                "hash alone; dhash: the gradient hash alone")
+    bits = MEASURE_BITS[measure]
+    default = DEFAULT_MAX_DISTANCE[measure]
+    key = f"collection_max_distance_{measure}"
+    max_distance = c2.slider(f"Max. Hamming distance (bits of {bits})", 0, bits // 4, default, key=key,
+                             help=f"two images closer than this are linked; groups are chained links. Default "
+                                  f"{default}: resized and JPEG q=60 copies are within it, distinct photos rarely")
+    near = _near(lake, snap, measure, int(max_distance), engine)
+    st.caption(f"{near.stats.get('hashes', status.size):,} images compared in {near.seconds:.2f} s by multi-index "
+               f"hashing (no all-pairs scan) · {near.stats.get('pairs', 0):,} linked pairs. Groups of exact copies "
+               "only are listed above, not here.")
+    if not near.total_groups:
+        st.success(f"No near-duplicates within {max_distance} bits.")
+    else:
+        st.markdown(f"**{near.total_groups:,} groups** · {near.images:,} images · "
+                    f"{_mb(near.redundant_bytes)} beyond the largest image of each group")
+        _show_groups(status, near, shown)
+
+
+def _show_skipped(data: dict[str, Any]) -> None:
+    reasons, files = data["reasons"], data["skipped"]
+    if not files:
+        st.success("Every image file found was ingested: no unreadable files.")
+        return
+    st.markdown(f"**{sum(r['files'] for r in reasons):,} files** found but not ingested, by reason:")
+    st.dataframe(reasons, hide_index=True, width="stretch")
+    st.dataframe([{"path": f["path"], "reason": f["reason"], "size": _mb(f["size_bytes"]) if f["size_bytes"] else "",
+                   "seen": f["at"]} for f in files], hide_index=True, width="stretch")
+    if len(files) >= 2000:
+        st.caption("The first 2,000 files (path order); `imgrec stats --json` lists all.")
+
+
+def _show_lake(status: ui.LakeStatus) -> None:
+    data = _overview(str(status.path), status.snapshot, status.engine)
+    ov = data["overview"]
+    cols = st.columns(5)
+    cols[0].metric("Images", f"{ov.images:,}")
+    cols[1].metric("Collections", len(ov.collections))
+    cols[2].metric("Total size", _mb(ov.bytes))
+    cols[3].metric("Formats", len(ov.formats))
+    cols[4].metric("Unreadable files", f"{ov.skipped:,}")
+    overview_tab, dup_tab, skipped_tab = st.tabs(["Overview", "Duplicates", f"Unreadable files ({ov.skipped:,})"])
+    for tab, draw in ((overview_tab, lambda: _show_overview(status, data)), (dup_tab, lambda: _show_duplicates(status)),
+                      (skipped_tab, lambda: _show_skipped(data))):
+        with tab:
+            try:
+                draw()
+            except Exception as exc:  # a bug or an unreadable lake: say so in words, details in the server log
+                log.exception("collection page section failed")
+                st.error(f"This section cannot be shown ({type(exc).__name__}: {exc}). Details are in the server log.")
+
+
+st.set_page_config(page_title="Collection · imgrec", page_icon=":material/photo_library:", layout="wide")
+st.title("Collection")
+status = ui.sidebar()
+if status.error:
+    st.error(status.error)
+    st.stop()
+ingesting = _job_running(status)
+if status.size == 0:
+    if ingesting:
+        st.info(f"Images are being added to `{status.path}` (below); this page fills in when the run completes.")
+    else:
+        where = "There is no lake at" if not status.exists else "The lake has no images yet:"
+        st.info(f"{where} `{status.path}`. Add a first folder of images below (sub-folders included); the lake is "
+                "created with it. Or point the sidebar's *Lake folder* at an existing lake.")
+        if status.note:
+            st.info(status.note)
+_ingest_panel(status)
+if status.size > 0:
+    if status.note and not ingesting:  # while our run goes on, its progress says why the index lags
+        st.info(status.note)
+    try:
+        _show_lake(status)
+    except Exception as exc:
+        log.exception("collection page failed")
+        st.error(f"The collection cannot be shown ({type(exc).__name__}: {exc}). Details are in the server log.")
