@@ -37,6 +37,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 130 if report.interrupted else 0
 
 
+def _printable(text: str) -> str:
+    """A path on one line: newlines, tabs and other control characters in file names shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
@@ -95,10 +100,33 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{resp.timings_ms['total']:.1f} ms")
     for r in resp.results:
         per = " ".join(f"{m}={v:.3f}" for m, v in r.scores.items())
-        print(f"{r.rank:>3}  {r.score:.4f}  [{per}]  {r.path}")
+        print(f"{r.rank:>3}  {r.score:.4f}  [{per}]  {_printable(r.path)}")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in resp.timings_ms.items() if k != "total")
     print(f"stages (ms): {stages}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from imgrec.evaluate import evaluate, format_table
+
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    report = evaluate(args.dataset, args.measure or MEASURES, lake=args.lake, multi=not args.no_multi,
+                      near=not args.no_near, limit=args.limit, near_sample=args.near_sample, seed=args.seed,
+                      log=log, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        out = {**report, "measures": {m: {k: v for k, v in r.items() if k != "pr_curve"}
+                                      for m, r in report["measures"].items()}}
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_table(report))
+        print(f"({report['seconds']} s; report saved in {report['lake']}/reports/eval-{report['name']}.json)")
+    return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from pipelines.project import run_cli
+
+    return run_cli(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -131,7 +159,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  {c}: {k} images, {int(b or 0) / 1e6:.1f} MB  ({root})")
     print(f"skipped files: {len(skipped)}")
     for s in skipped[:50]:
-        print(f"  {s['path']}: {s['reason']}")
+        print(f"  {_printable(s['path'])}: {s['reason']}")
     if len(skipped) > 50:
         print(f"  ... and {len(skipped) - 50} more (--json lists all)")
     return 0
@@ -179,6 +207,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", help="auto, cpu or cuda")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("eval", help="retrieval quality on a labelled set (labels.csv: path, class_id)")
+    sp.add_argument("dataset", metavar="DATASET_DIR", help="folder with labels.csv and the images")
+    sp.add_argument("--lake", help="a lake that holds the set (default: a cache lake per set, ingested on first use)")
+    sp.add_argument("--measure", action="append", choices=MEASURES, help="only this measure (repeatable)")
+    sp.add_argument("--limit", type=int, help="only the first N images as single-image queries")
+    sp.add_argument("--near-sample", type=int, default=50, help="images with transformed copies (default 50)")
+    sp.add_argument("--no-multi", action="store_true", help="skip the multi-image queries")
+    sp.add_argument("--no-near", action="store_true", help="skip the near-duplicate retrieval")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", action="store_true", help='print {"measures": {"color": {"map": ...}, ...}, ...}')
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("project", help="map every image in 2D / 3D (PCA, UMAP, t-SNE) with clusters")
+    lake_arg(sp)
+    sp.add_argument("--method", nargs="+", choices=("umap", "tsne", "pca"), default=["umap"])
+    sp.add_argument("--dims", nargs="+", type=int, choices=(2, 3), default=[2])
+    sp.add_argument("--features", nargs="+", choices=("embedding", "color"), default=["embedding"])
+    sp.add_argument("--refit", action="store_true", help="fit again instead of placing only the new images")
+    sp.add_argument("--sample", type=int, help="images the model is fitted on (default 30000; the rest transformed)")
+    sp.add_argument("--clusters", type=int, help="k-means clusters (default 20)")
+    sp.add_argument("--seed", type=int, help="random seed (default 0)")
+    sp.add_argument("--tsne-max", type=int, help="t-SNE only up to this many images (default 20000)")
+    sp.add_argument("--evaluate", action="store_true",
+                    help="then measure the maps on the labelled sets (neighbours kept, silhouette)")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_project)
 
     sp = sub.add_parser("stats", help="counts per collection and the skipped files with their reasons")
     lake_arg(sp)

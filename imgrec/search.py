@@ -141,6 +141,7 @@ class Engine:
         self.open_ms: dict[str, float] = {}
         self.startup_ms: dict[str, float] = {}  # first open (index_open, duckdb), model_load; callers may add imports
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._filter_cache: dict[tuple[Any, ...], NDArray[np.int64]] = {}  # (snapshot, filters) -> rows
         self._query_no = 0
         self.refresh()
         self.startup_ms.update(self.open_ms)
@@ -260,16 +261,19 @@ class Engine:
                 out.append(QueryFeatures(np.asarray(idx.color[row]), np.asarray(idx.hashes[row]),
                                          np.asarray(idx.embeddings[row], dtype=np.float32), q.image_id))
                 continue
+            from imgrec.imaging import ImageError, read_file
+
             data = q.data
             if data is None:
-                try:
-                    data = Path(q.path or "").read_bytes()
+                try:  # a FIFO or device given as a query is refused, not waited on
+                    data, _ = read_file(q.path or "", self.config.max_upload_bytes)
                 except OSError as exc:
                     raise QueryError(f"cannot read {q.path}: {exc.strerror or exc}") from None
+                except ImageError as exc:
+                    raise QueryError(f"{q.name}: {exc}") from None
             if len(data) > self.config.max_upload_bytes:
                 raise QueryError(f"{q.name}: {len(data) / 1e6:.0f} MB is over the limit of "
                                  f"{self.config.max_upload_bytes / 1e6:.0f} MB")
-            from imgrec.imaging import ImageError
 
             try:
                 f = extract(data, model=model if need_embedding else None, bins=bins, thumb_size=None,
@@ -308,11 +312,15 @@ class Engine:
         aggregate: str = "softmin",
         negatives: Iterable[Query | str | os.PathLike[str] | bytes | int] = (),
         negative_weight: float = 0.5,
+        with_metadata: bool = True,
+        details: bool = True,
     ) -> SearchResponse:
         """The ``k`` best images (or every image scoring at least ``threshold``) for all query images together.
 
         ``negatives`` ("less like this") push down images that resemble them: the score loses
-        ``negative_weight`` times the image's highest similarity to a negative example.
+        ``negative_weight`` times the image's highest similarity to a negative example. ``details=False`` leaves out
+        the scores and ranks of the measures not searched, and ``with_metadata=False`` the DuckDB metadata (for
+        evaluations that rank thousands of images).
         """
         timer = _Timer()
         qs = [Query.of(q) for q in queries]
@@ -361,8 +369,8 @@ class Engine:
         timer.lap("candidates")
 
         # exact re-rank over the pool
-        available = [m for m in ("embedding", "color", "hash") if m != "embedding" or all(
-            f.emb is not None for f in all_feats)]
+        available = [m for m in ("embedding", "color", "hash") if (details or m in measures) and (
+            m != "embedding" or all(f.emb is not None for f in all_feats))]
         S = {m: self._similarities(idx, m, dists[m], all_feats, pool) for m in available}  # (images, pool)
         P = len(qs)
         norm: dict[str, NDArray[np.float32]] = {}
@@ -395,7 +403,8 @@ class Engine:
                    contributions={m: float(contrib[m][r]) for m in contrib})
             for r, j in enumerate(order)
         ]
-        self._attach_metadata(results)
+        if with_metadata:  # paths, labels, sizes from DuckDB (evaluations ranking thousands of ids skip it)
+            self._attach_metadata(results)
         timer.lap("metadata")
         timer.ms["total"] = round(sum(v for s, v in timer.ms.items() if s != "total"), 3)
         resp = SearchResponse(results, timer.ms, measure, distance if measure != "mix" else "fused", k,
@@ -465,8 +474,10 @@ class Engine:
             return np.empty((len(feats), 0), np.float32)
         if measure == "embedding":
             X = np.asarray(idx.embeddings[pool], dtype=np.float32)
-            fn = {"cosine": sim.cosine_similarity, "euclidean": sim.euclidean_distance,
-                  "manhattan": sim.manhattan_distance}[distance]
+            if distance == "cosine":  # the candidates normalised once, every query image in one product
+                Q = sim.l2_normalize(np.stack([f.emb for f in feats]))
+                return sim.to_similarity("embedding", "cosine", np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
+            fn = {"euclidean": sim.euclidean_distance, "manhattan": sim.manhattan_distance}[distance]
             return np.stack([sim.to_similarity("embedding", distance, fn(f.emb, X), dim=X.shape[1]) for f in feats])
         if measure == "color":
             X = np.asarray(idx.color[pool], dtype=np.float32)
@@ -483,9 +494,23 @@ class Engine:
 
     def _allowed_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None,
                       labels: Sequence[str] | None = None) -> NDArray[np.int64] | None:
-        """Rows passing the metadata filters, selected by DuckDB; None when there is no filter."""
+        """Rows passing the metadata filters, selected by DuckDB (remembered per snapshot); None when no filter."""
         if not collections and not folders and not labels:
             return None
+        key = (self.snapshot, tuple(collections or ()), tuple(folders or ()), tuple(labels or ()))
+        with self._lock:
+            cached = self._filter_cache.get(key)
+        if cached is not None:
+            return cached
+        rows = self._select_rows(idx, collections, folders, labels)
+        with self._lock:
+            if len(self._filter_cache) >= 32:
+                self._filter_cache.pop(next(iter(self._filter_cache)))
+            self._filter_cache[key] = rows
+        return rows
+
+    def _select_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None,
+                     labels: Sequence[str] | None) -> NDArray[np.int64]:
         where, params = [], []
         if collections:
             where.append(f"collection IN ({', '.join('?' * len(collections))})")
