@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +23,13 @@ from numpy.typing import NDArray
 from imgrec import similarity as sim
 from imgrec.config import DISTANCES, MAX_QUERY_IMAGES, MEASURES, Config
 from imgrec.features.embed import spec
-from imgrec.features.extract import decode_side, extract
+from imgrec.features.extract import content_hash, decode_side, extract
 from imgrec.index import IndexSet, StaleIndex
 from imgrec.lake import Lake, LakeConnection, LakeError
 
 MAX_RANGE_RESULTS = 1000
 HISTORY = 2000  # searches remembered per engine for the profiling page
+UPLOAD_CACHE = 64  # features of the last uploaded images, by content hash
 
 
 class QueryError(ValueError):
@@ -142,6 +143,7 @@ class Engine:
         self.startup_ms: dict[str, float] = {}  # first open (index_open, duckdb), model_load; callers may add imports
         self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._filter_cache: dict[tuple[Any, ...], NDArray[np.int64]] = {}  # (snapshot, filters) -> rows
+        self._upload_cache: OrderedDict[str, QueryFeatures] = OrderedDict()
         self._query_no = 0
         self.refresh()
         self.startup_ms.update(self.open_ms)
@@ -249,6 +251,7 @@ class Engine:
         side = decode_side(manifest.thumb_size if manifest else 256, model)
         out: list[QueryFeatures] = []
         crops: list[tuple[int, NDArray[np.uint8]]] = []
+        fresh: list[int] = []  # positions of query images computed here (not stored, not cached)
         known = self.lookup_paths([q.path for q in queries if q.path])
         for q in queries:
             if q.path in known:  # a file of the lake, unchanged since ingestion: its stored features
@@ -274,6 +277,15 @@ class Engine:
             if len(data) > self.config.max_upload_bytes:
                 raise QueryError(f"{q.name}: {len(data) / 1e6:.0f} MB is over the limit of "
                                  f"{self.config.max_upload_bytes / 1e6:.0f} MB")
+            key = content_hash(data)
+            with self._lock:
+                hit = self._upload_cache.get(key)
+                if hit is not None:
+                    self._upload_cache.move_to_end(key)
+            if hit is not None and (hit.emb is not None or not need_embedding):  # the same bytes searched before
+                out.append(QueryFeatures(hit.hist, hit.hashes, hit.emb, None, key))
+                continue
+            fresh.append(len(out))
 
             try:
                 f = extract(data, model=model if need_embedding else None, bins=bins, thumb_size=None,
@@ -289,6 +301,11 @@ class Engine:
             emb, _, _ = self.embedder().embed(np.stack([c for _, c in crops]))
             for j, (pos, _) in enumerate(crops):
                 out[pos].emb = emb[j]
+        with self._lock:  # re-searching the same upload (other settings, "more like these") costs nothing
+            for pos in fresh:
+                self._upload_cache[out[pos].content_hash or ""] = out[pos]
+            while len(self._upload_cache) > UPLOAD_CACHE:
+                self._upload_cache.popitem(last=False)
         timer.lap("features")
         timer.ms["features"] = round(max(timer.ms["features"] - timer.ms["decode"], 0.0), 3)
         return out

@@ -291,3 +291,18 @@ def test_a_file_of_the_lake_is_searched_with_its_stored_features(lake: tuple[Pat
     resp2 = engine.search([outside], "embedding", k=2)
     assert engine._embedder is not None and resp2.timings_ms["decode"] > 0
     assert [r.image_id for r in resp2.results] == [r.image_id for r in resp.results]
+
+
+def test_an_upload_searched_again_reuses_its_features(lake: tuple[Path, Path]) -> None:
+    root, path = lake
+    engine = Engine(Config.load(path))
+    data = (root / "pairs" / "original.png").read_bytes()
+    first = engine.search([data], "color", k=5)  # colour only: no embedding computed
+    assert first.timings_ms["decode"] > 0
+    again = engine.search([data], "color", k=8)
+    assert again.timings_ms["decode"] == 0  # nothing decoded the second time
+    assert [r.image_id for r in again.results[:5]] == [r.image_id for r in first.results]
+    emb = engine.search([data], "embedding", k=5)  # needs the embedding the cache does not hold yet
+    assert emb.timings_ms["decode"] > 0 and engine._embedder is not None
+    mix = engine.search([data], "mix", k=5)
+    assert mix.timings_ms["decode"] == 0 and mix.results[0].relpath == emb.results[0].relpath
