@@ -91,14 +91,17 @@ def full_image(engine: Engine, image_id: int, max_side: int = 1280) -> bytes:
     Only files inside their collection's registered root are read. Raises KeyError (unknown id), PermissionError
     (outside the root) or OSError / ImageError (gone or unreadable since ingestion).
     """
-    from imgrec.imaging import decode, thumbnail_jpeg
+    from imgrec.imaging import decode, read_file, thumbnail_jpeg
 
     meta = engine.lookup_ids([int(image_id)]).get(int(image_id))
     if meta is None:
         raise KeyError(image_id)
     if not inside_collection(engine, meta["path"], meta["collection"]):
         raise PermissionError(f"{meta['path']} is outside the collection's folder")
-    with open(meta["path"], "rb") as fh:
-        data = fh.read()
+    root = engine.cursor().execute("SELECT root FROM collections WHERE collection = ?",
+                                   [meta["collection"]]).fetchone()[0]
+    # checked again on the file actually opened (a symlink swapped in after the check above is refused too);
+    # a FIFO put in the file's place is not waited on
+    data, _ = read_file(meta["path"], engine.config.max_file_bytes, inside=os.path.realpath(root))
     decoded = decode(data, max_pixels=engine.config.max_pixels, min_side=max_side)
     return thumbnail_jpeg(decoded.image, max_side, quality=88)

@@ -41,6 +41,7 @@ class Config:
     thumb_size: int = 256
     max_pixels: int = 180_000_000  # larger declared images are refused (decompression bombs)
     max_upload_bytes: int = 50 * 1024 * 1024
+    max_file_bytes: int = 1024**3  # larger files are not read at ingestion (a video or disk image named .jpg)
     # colour histogram: HSV bins (hue, saturation, value)
     color_bins: tuple[int, int, int] = (8, 4, 4)
     # search

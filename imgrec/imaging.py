@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -87,6 +89,40 @@ def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None =
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("image has no pixels")
     return Decoded(image=rgb, width=w, height=h, format=fmt, mode=mode)
+
+
+def read_file(path: str | os.PathLike[str], max_bytes: int | None = None, *, inside: str | None = None
+              ) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file and its status after the read.
+
+    Never blocks on a FIFO, socket or device given an image's name (opened non-blocking, refused unless regular), and
+    refuses a file whose size or modification time changed while it was read (still being written). With
+    ``inside`` (a resolved folder), the file actually opened (symlinks resolved after opening, so a link swapped in
+    between a check and the read does not count) must lie inside it, else PermissionError. Raises OSError (gone, no
+    permission, ...) or ImageError with the reason.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        if inside is not None:
+            proc = f"/proc/self/fd/{fd}"
+            real = os.readlink(proc) if os.path.islink(proc) else os.path.realpath(path)
+            if os.path.commonpath([inside, real]) != inside:
+                raise PermissionError(f"{path} is outside the collection's folder")
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise ImageError("not a regular file (a FIFO, socket or device named like an image); not read")
+        if max_bytes is not None and before.st_size > max_bytes:
+            raise ImageError(f"file too large: {before.st_size:,} bytes is over the limit of {max_bytes:,}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        raise ImageError("the file changed while it was being read (still being written?); it is read again when "
+                         "it changes")
+    return data, after
 
 
 def thumbnail_jpeg(img: Image.Image, size: int = 256, quality: int = 82) -> bytes:

@@ -215,6 +215,52 @@ def run_search(engine: Engine, uploads: Sequence[tuple[str, bytes]] = (), picked
                          negatives=negatives, **options)
 
 
+UPLOADS_FOLDER = "uploads"  # <lake>/uploads: the collection of uploads a person chose to keep
+_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def save_uploads(lake: Path | str, uploads: Sequence[tuple[str, bytes]], max_bytes: int | None = None,
+                 max_pixels: int = 180_000_000) -> tuple[Path, list[Path], list[str]]:
+    """Keep uploads the person asked to add: write them into ``<lake>/uploads`` (a collection of its own).
+
+    The file name never comes from the upload's path: its stem, stripped to letters, digits, ``-``, ``_`` and ``.``,
+    then the first 16 hex digits of the content hash, then the suffix of the decoded format. The same bytes give the
+    same name, so nothing is overwritten or kept twice. Only decodable images within the limits are written
+    (atomically: a temporary name, then a rename). Returns (folder, files written or already there, problems).
+    """
+    import os
+    import re
+    import uuid
+
+    from imgrec.features.extract import content_hash
+    from imgrec.imaging import ImageError, decode
+
+    folder = Path(lake) / UPLOADS_FOLDER
+    saved: list[Path] = []
+    problems: list[str] = []
+    for name, data in uploads:
+        shown = Path(name.replace("\\", "/")).name or "upload"
+        if max_bytes is not None and len(data) > max_bytes:
+            problems.append(f"{shown}: {len(data) / 1e6:.0f} MB is over the limit of {max_bytes / 1e6:.0f} MB")
+            continue
+        try:
+            fmt = decode(data, max_pixels=max_pixels, min_side=64).format
+        except ImageError as exc:
+            problems.append(f"{shown}: {exc}")
+            continue
+        stem = re.sub(r"[^\w.-]+", "_", Path(shown).stem).strip("._-")[:60] or "upload"
+        digest = content_hash(data)[:16]
+        kept = next(folder.glob(f"*-{digest}.*"), None) if folder.is_dir() else None  # these bytes, kept before
+        path = kept or folder / f"{stem}-{digest}{_SUFFIX.get(fmt, '.img')}"
+        if kept is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{uuid.uuid4().hex}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        saved.append(path)
+    return folder, saved, problems
+
+
 def query_thumbnail(data: bytes, size: int = 256) -> bytes | None:
     """A small JPEG of an uploaded image for showing it next to the results; None if it cannot be decoded."""
     from imgrec.imaging import ImageError, decode, thumbnail_jpeg

@@ -150,6 +150,27 @@ def _cached(status: ui.LakeStatus, what: str, compute: Any) -> Any:
 # --- queries -------------------------------------------------------------------------------------------------------
 
 
+def _add_uploads(status: ui.LakeStatus, files: list[Any]) -> None:
+    """Keep the uploads the person asked to add: into <lake>/uploads, then a background ingestion of that folder."""
+    from imgrec import jobs
+
+    config = status.engine.config
+    folder, saved, problems = ui.save_uploads(status.path, [(f.name, f.getvalue()) for f in files],
+                                              config.max_upload_bytes, config.max_pixels)
+    for problem in problems:
+        st.warning(f"Not added: {problem}")
+    if not saved:
+        return
+    try:
+        jobs.start(folder, status.path)
+    except jobs.JobError as exc:
+        st.warning(f"Saved {len(saved)} upload(s) in `{folder}`, but the ingestion cannot start now: {exc}. "
+                   "Add that folder from the Collection page later.")
+        return
+    st.success(f"Saved {len(saved)} upload(s) in `{folder}`; they are being ingested in the background (progress "
+               "on the Collection page) and become searchable when that run ends.")
+
+
 def _upload_previews(files: list[Any], state_key: str) -> list[tuple[str, bytes | None]]:
     """(caption, thumbnail) of each uploaded file; one that cannot be decoded has no thumbnail."""
     cached: dict[str, bytes | None] = st.session_state.get(state_key, {})
@@ -412,6 +433,12 @@ with upload_tab:
         "Less like these (optional negative examples)", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
         key="neg_uploads", max_upload_size=max_mb,
     ) or []
+    if files:
+        st.caption("Uploads are searched in memory, never written to disk, and forgotten when this session ends.")
+        if st.button("Add these uploads to the lake", key="add_uploads", icon=":material/add_photo_alternate:",
+                     help="copy the query images above into the lake's own uploads folder and ingest them in the "
+                          "background, so that they become searchable images of the collection"):
+            _add_uploads(status, files)
 with pick_tab:
     rows = _sample(status)
     names: dict[int, str] = st.session_state.setdefault("pick_names", {})

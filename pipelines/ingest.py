@@ -33,7 +33,7 @@ import polars as pl
 from imgrec.config import Config
 from imgrec.features.embed import ModelSpec, spec
 from imgrec.features.extract import HandFeatures, content_hash, decode_side, extract
-from imgrec.imaging import ImageError
+from imgrec.imaging import ImageError, read_file
 from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
 from pipelines.walk import walk
 
@@ -103,19 +103,22 @@ def _init_pool_worker(*args: Any) -> None:
 
 
 def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_pixels: int,
-                 reusable: frozenset[str]) -> None:
+                 reusable: frozenset[str], max_bytes: int | None = None) -> None:
     _W.update(model=model, bins=bins, thumb=thumb, max_pixels=max_pixels, reusable=reusable,
-              min_side=decode_side(thumb, model))
+              min_side=decode_side(thumb, model), max_bytes=max_bytes)
 
 
 def _work(task: Task, reuse: bool = True) -> tuple[Task, str, HandFeatures | None, str | None, float]:
     """Read and extract one file: (task, content hash, features or None, error reason or None, read seconds)."""
     t0 = time.perf_counter()
-    try:
-        with open(task.path, "rb") as fh:
-            data = fh.read()
+    try:  # never blocks on a FIFO put in the file's place; refuses a file that changes while it is read
+        data, st = read_file(task.path, _W.get("max_bytes"))
     except OSError as exc:
         return task, "", None, f"cannot read file: {exc.strerror or exc}", time.perf_counter() - t0
+    except ImageError as exc:
+        return task, "", None, str(exc), time.perf_counter() - t0
+    if (st.st_size, st.st_mtime_ns) != (task.size, task.mtime_ns):  # changed since the walk: record what was read
+        task = replace(task, size=st.st_size, mtime_ns=st.st_mtime_ns)
     read_s = time.perf_counter() - t0
     chash = content_hash(data)
     if reuse and (chash == task.old_hash or chash in _W["reusable"]):
@@ -222,6 +225,7 @@ def ingest(
                 "SELECT * FROM images WHERE collection = ?", [name]).iter_rows(named=True)}
             bad = {r[0]: (r[1], r[2]) for r in conn.sql(
                 "SELECT relpath, size_bytes, mtime_ns FROM skipped WHERE collection = ?", [name])}
+            bad_reason = dict(conn.sql("SELECT relpath, reason FROM skipped WHERE collection = ?", [name]))
             seen: set[str] = set()
             errs: list[tuple[str, str]] = []
             for rec in walk(root, errs):
@@ -236,13 +240,16 @@ def ingest(
                 tasks.append(Task(name, rec.relpath, rec.path, rec.size, rec.mtime_ns,
                                   old["image_id"] if old else None, old["content_hash"] if old else None,
                                   tuple(old[k] for k in _META) if old else None))
-            walk_errors += [(name, rel, why) for rel, why in errs]
+            # a walk error already recorded with the same reason is not recorded again (no commit for nothing)
+            walk_errors += [(name, rel, why) for rel, why in errs if bad_reason.get(rel) != why
+                            or bad.get(rel) != (None, None)]
             for rel, row in known.items():
                 if rel not in seen:
                     gone.append(row)
                     deleted.setdefault(row["content_hash"], row)
+            failed = {rel for rel, _ in errs}
             for rel in bad:
-                if rel not in seen:  # an unreadable file that is gone: clear its record
+                if rel not in seen and rel not in failed:  # an unreadable file that is gone: clear its record
                     batch.add("skipped", {"collection": name, "relpath": rel, "reason": None, "at": now()})
         for name, rel, why in walk_errors:
             batch.add("skipped", {"collection": name, "relpath": rel, "size_bytes": None, "mtime_ns": None,
@@ -258,7 +265,7 @@ def ingest(
         reusable = frozenset(deleted)
         bins = tuple(manifest.color_bins) if manifest else tuple(config.color_bins)
         thumb = manifest.thumb_size if manifest else config.thumb_size
-        init_args = (model, bins, thumb, config.max_pixels, reusable)
+        init_args = (model, bins, thumb, config.max_pixels, reusable, config.max_file_bytes)
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
         stop = stop or threading.Event()

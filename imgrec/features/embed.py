@@ -57,6 +57,10 @@ def preprocess(img: Image.Image, s: ModelSpec) -> NDArray[np.uint8]:
     w, h = img.size
     scale = s.resize / min(w, h)
     nw, nh = max(s.crop, round(w * scale)), max(s.crop, round(h * scale))
+    if nw * nh > 16 * s.resize * s.resize:  # a strip (20000x20, 100000x1): resizing it whole needs gigabytes
+        side = s.crop / scale  # the centre crop's side in source pixels: resize only that region
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return np.asarray(img.resize((s.crop, s.crop), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
     resized = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
     left, top = (nw - s.crop) // 2, (nh - s.crop) // 2
     return np.asarray(resized.crop((left, top, left + s.crop, top + s.crop)), dtype=np.uint8)
