@@ -223,6 +223,7 @@ def near_duplicates(engine: Any, ls: LabelledSet, measures: Sequence[str], sampl
     rng = random.Random(seed)
     originals = rng.sample(sorted(ls.ids), min(sample, len(ls.ids)))
     paths = engine.lookup_ids(originals)
+    twins = _twins(engine, ls, originals)
     hits = {m: dict.fromkeys(transforms, 0) for m in measures}
     for image_id in originals:
         img = decode(Path(paths[image_id]["path"]).read_bytes(), min_side=None).image
@@ -230,8 +231,21 @@ def near_duplicates(engine: Any, ls: LabelledSet, measures: Sequence[str], sampl
             data = transform(img, t)
             for m in measures:
                 top, _ = _top(engine, ls, data, m)
-                hits[m][t] += int(top == image_id)
+                hits[m][t] += int(top in twins[image_id])
     return {m: {t: _r(v / len(originals)) for t, v in per.items()} for m, per in hits.items()}
+
+
+def _twins(engine: Any, ls: LabelledSet, originals: Sequence[int]) -> dict[int, set[int]]:
+    """Each original with the images of the set that are the same picture (identical pHash and dHash): a copy whose
+    twin comes first has found its picture."""
+    idx = engine.index
+    ids = np.array(sorted(ls.ids), dtype=np.int64)
+    H = np.asarray(idx.hashes[idx.rows(ids)])
+    out = {}
+    for image_id in originals:
+        h = np.asarray(idx.hashes[int(idx.rows([image_id])[0])])
+        out[image_id] = {image_id} | {int(i) for i in ids[(H == h).all(axis=1)]}
+    return out
 
 
 def _top(engine: Any, ls: LabelledSet, data: bytes, measure: str) -> tuple[int | None, float]:
