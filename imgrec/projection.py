@@ -64,14 +64,6 @@ def evaluation_path(lake: str | os.PathLike[str]) -> Path:
 # --- atomic files -------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
@@ -80,8 +72,10 @@ def atomic_replace(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, rename it over ``path``, fsync the folder."""
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
+    from imgrec.lake import fsync_dir
+
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_json(path: Path, data: Any) -> None:

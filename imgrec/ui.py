@@ -172,6 +172,21 @@ def sidebar() -> LakeStatus:
     return status
 
 
+def page_start(title: str, icon: str, *, need_images: bool = True) -> LakeStatus:
+    """A page's opening: its config and title, the sidebar; stops the page with a message when the lake cannot be
+    read or (with ``need_images``) has nothing to show yet."""
+    st.set_page_config(page_title=f"{title} · imgrec", page_icon=icon, layout="wide")
+    st.title(title)
+    status = sidebar()
+    if status.error:
+        st.error(status.error)
+        st.stop()
+    if need_images and status.size == 0:
+        empty_lake_message(status)
+        st.stop()
+    return status
+
+
 def empty_lake_message(status: LakeStatus) -> None:
     """What to do when there is nothing to search."""
     where = "There is no lake at" if not status.exists else "The lake has no images yet:"

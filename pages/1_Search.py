@@ -411,15 +411,7 @@ def _show_result(status: ui.LakeStatus, state: dict[str, Any]) -> None:
 
 # --- the page ------------------------------------------------------------------------------------------------------
 
-st.set_page_config(page_title="Search · imgrec", page_icon=":material/image_search:", layout="wide")
-st.title("Search")
-status = ui.sidebar()
-if status.error:
-    st.error(status.error)
-    st.stop()
-if status.size == 0:
-    ui.empty_lake_message(status)
-    st.stop()
+status = ui.page_start("Search", ":material/image_search:")
 
 max_mb = max(1, status.engine.config.max_upload_bytes // 2**20)
 upload_tab, pick_tab, folder_tab, name_tab = st.tabs(

@@ -367,12 +367,7 @@ def _show_lake(status: ui.LakeStatus) -> None:
                 st.error(f"This section cannot be shown ({type(exc).__name__}: {exc}). Details are in the server log.")
 
 
-st.set_page_config(page_title="Collection · imgrec", page_icon=":material/photo_library:", layout="wide")
-st.title("Collection")
-status = ui.sidebar()
-if status.error:
-    st.error(status.error)
-    st.stop()
+status = ui.page_start("Collection", ":material/photo_library:", need_images=False)
 ingesting = _job_running(status)
 if status.size == 0:
     if ingesting:

@@ -299,15 +299,7 @@ def profile_section(status: ui.LakeStatus) -> None:
 # --- the page ---------------------------------------------------------------------------------------------------------
 
 
-st.set_page_config(page_title="Profiling · imgrec", page_icon=":material/speed:", layout="wide")
-st.title("Profiling")
-status = ui.sidebar()
-if status.error:
-    st.error(status.error)
-    st.stop()
-if status.size == 0:
-    ui.empty_lake_message(status)
-    st.stop()
+status = ui.page_start("Profiling", ":material/speed:")
 
 searches_section(status)
 st.divider()
