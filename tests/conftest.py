@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,15 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real images not found at {SHARED} (../shared/data beside the checkout); skipping")
     return SHARED
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_app_engines() -> Iterator[None]:
+    """Drop the engines the app cached (one per lake, process-wide) once a module is done with its lakes."""
+    yield
+    ui = sys.modules.get("imgrec.ui")
+    if ui is not None:
+        ui.open_engine.clear()
 
 
 @pytest.fixture(autouse=True)

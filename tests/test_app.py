@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,15 +82,6 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, by
     report = ingest([base / "pictures"], Config.load(lake, workers=1), progress=False, log=lambda s: None)
     assert report.processed == len(images) and report.skipped == 0
     return lake, images
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_engines() -> Iterator[None]:
-    """Drop the engines the app cached (one per lake, process-wide) once this module is done with its lakes."""
-    yield
-    from imgrec import ui
-
-    ui.open_engine.clear()
 
 
 @pytest.fixture

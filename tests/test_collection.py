@@ -74,15 +74,6 @@ def engine(dup_lake: Path) -> Iterator[object]:
     eng.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _close_engines() -> Iterator[None]:
-    """Drop the engines the app cached (one per lake, process-wide) once this module is done with its lakes."""
-    yield
-    from imgrec import ui
-
-    ui.open_engine.clear()
-
-
 def _paths(groups: list[col.DuplicateGroup]) -> list[set[str]]:
     return [{m.relpath for m in g.members} for g in groups]
 

@@ -42,14 +42,6 @@ def engine(lake: Path) -> Iterator[object]:
     eng.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _close_engines() -> Iterator[None]:
-    yield
-    from imgrec import ui
-
-    ui.open_engine.clear()
-
-
 # --- search history -----------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,14 +54,6 @@ def lake(base: tuple[Path, Path], tmp_path: Path) -> Path:
     """A private copy of the base lake (same images; its own projections)."""
     shutil.copytree(base[1], tmp_path / "lake")
     return tmp_path / "lake"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_engines() -> Iterator[None]:
-    yield
-    from imgrec import ui
-
-    ui.open_engine.clear()
 
 
 def _ids(lake: Path) -> np.ndarray:
