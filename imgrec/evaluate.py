@@ -285,12 +285,23 @@ def evaluate(dataset: str | os.PathLike[str], measures: Sequence[str] = MEASURES
 
 
 def save_report(lake: Path, report: dict[str, Any]) -> Path:
-    """Write the report as ``<lake>/reports/eval-<set>.json`` (atomically)."""
+    """Write the report as ``<lake>/reports/eval-<set>.json`` (atomically). A partial run (some measures, no
+    multi-image or near-duplicate part) updates the parts it measured of an earlier report of the same snapshot and
+    model, and keeps the others."""
     from imgrec.lake import atomic_write_bytes
 
     path = Path(lake) / "reports" / f"eval-{report['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(report, indent=1).encode())
+    merged = report
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old and all(old.get(k) == report.get(k) for k in ("dataset", "snapshot", "model", "color_bins", "weights")):
+        merged = {**report}
+        for part in ("measures", "multi", "near_duplicates"):
+            merged[part] = {**old.get(part, {}), **report.get(part, {})}
+    atomic_write_bytes(path, json.dumps(merged, indent=1).encode())
     return path
 
 

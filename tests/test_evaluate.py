@@ -124,6 +124,8 @@ def test_cli_json_reuses_the_cached_lake(dataset: Path, report: dict, capsys: py
     out = json.loads(capsys.readouterr().out)
     assert out["measures"]["hash"]["map"] == report["measures"]["hash"]["map"]
     assert out["snapshot"] == report["snapshot"]  # nothing ingested again
+    (saved,) = load_reports(report["lake"])  # the partial run updated its part of the saved report, kept the rest
+    assert set(saved["measures"]) == {"color", "hash", "embedding", "mix"} and saved["near_duplicates"]
 
 
 def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,3 +146,28 @@ def test_transforms_make_decodable_copies() -> None:
     assert decode(transform(img, "resize"), min_side=None).width == 80
     with pytest.raises(ValueError, match="unknown transform"):
         transform(img, "blur")
+
+
+# --- the Quality page ---------------------------------------------------------------------------------------------
+
+
+def test_quality_page_without_and_with_a_report(report: dict, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    monkeypatch.setenv("IMGREC_LAKE", str(tmp_path / "no-lake"))
+    at = AppTest.from_file(app, default_timeout=60).run().switch_page("pages/5_Quality.py").run()
+    assert not at.exception and at.title[0].value == "Quality"
+    assert any("No evaluation report" in i.value and "imgrec eval DATASET_DIR" in i.value for i in at.info)
+
+    monkeypatch.setenv("IMGREC_LAKE", report["lake"])
+    at = AppTest.from_file(app, default_timeout=60).run().switch_page("pages/5_Quality.py").run()
+    assert not at.exception and not at.error
+    assert at.tabs[0].label == report["name"]
+    single = at.dataframe[0].value
+    assert list(single["measure"]) == ["embedding", "color", "hash", "mix"]
+    assert single.set_index("measure").loc["color", "mAP"] == report["measures"]["color"]["map"]
+    assert len(at.dataframe) == 3  # single image, several images, near-duplicates
+    near = at.dataframe[2].value.set_index("measure")
+    assert near.loc["hash", "resize"] == report["near_duplicates"]["hash"]["resize"]
