@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import streamlit as st
@@ -261,9 +262,10 @@ def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
 # --- searching and showing ----------------------------------------------------------------------------------------
 
 
-def _search(status: ui.LakeStatus, uploads: list[tuple[str, bytes]], picked: list[int], opts: dict[str, Any],
-            title: str, previews: list[tuple[str, bytes | None]], neg_uploads: list[tuple[str, bytes]] = (),
-            neg_ids: list[int] = (), neg_previews: list[tuple[str, bytes | None]] = ()) -> None:
+def _search(status: ui.LakeStatus, uploads: Sequence[tuple[str, bytes]], picked: Sequence[int],
+            opts: dict[str, Any], title: str, previews: list[tuple[str, bytes | None]],
+            neg_uploads: Sequence[tuple[str, bytes]] = (), neg_ids: Sequence[int] = (),
+            neg_previews: Sequence[tuple[str, bytes | None]] = ()) -> None:
     """Run one search and keep its outcome in the session (errors as st.error, never a traceback)."""
     from imgrec.lake import LakeError
     from imgrec.search import QueryError

@@ -56,6 +56,14 @@ def make_collection(root: Path, n: int = 10, start: int = 0) -> list[Path]:
     return paths
 
 
+def ingest_quietly(root: Path, lake: Path, **overrides: object) -> object:
+    """Ingest ``root`` into ``lake`` with one worker, no progress bar and no log (the IngestReport)."""
+    from imgrec.config import Config
+    from pipelines.ingest import ingest
+
+    return ingest([root], Config.load(lake, workers=1, **overrides), progress=False, log=lambda s: None)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED.is_dir():

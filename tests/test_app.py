@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ingest_quietly
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.element_tree import Button
@@ -74,12 +75,11 @@ def _synthetic_images(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
     """A lake of the 12 synthetic images (and the images' bytes by relative path)."""
-    from pipelines.ingest import ingest
 
     base = tmp_path_factory.mktemp("applake")
     images = _synthetic_images(base / "pictures")
     lake = base / "lake"
-    report = ingest([base / "pictures"], Config.load(lake, workers=1), progress=False, log=lambda s: None)
+    report = ingest_quietly(base / "pictures", lake)
     assert report.processed == len(images) and report.skipped == 0
     return lake, images
 

@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_collection, save, synthetic_image
+from conftest import ingest_quietly, make_collection, save, synthetic_image
 
 from imgrec import browse
 from imgrec.config import Config
 from imgrec.search import Engine
-from pipelines.ingest import ingest
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     save(synthetic_image(50), root / "odd names" / "100%_sure_a.jpg")
     save(synthetic_image(51), root / "odd names" / "100x_sure.jpg")
     lake = tmp_path_factory.mktemp("lake")
-    ingest([root], Config.load(lake, workers=1), progress=False, log=lambda s: None)
+    ingest_quietly(root, lake)
     return Engine(Config.load(lake))
 
 

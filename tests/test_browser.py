@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import make_collection, save, synthetic_image
+from conftest import ingest_quietly, make_collection, save, synthetic_image
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -154,12 +154,10 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from imgrec.config import Config
-    from pipelines.ingest import ingest
 
     base = tmp_path_factory.mktemp("browser")
     make_collection(base / "photos", N_IMAGES)
-    report = ingest([base / "photos"], Config.load(base / "lake", workers=1), progress=False, log=lambda s: None)
+    report = ingest_quietly(base / "photos", base / "lake")
     assert report.processed == N_IMAGES, report.summary()
     return base / "lake"
 
@@ -312,6 +310,22 @@ def test_every_page_renders(page: Page, server: str, artifacts: Path) -> None:
     print(f"\npages: {names}")
 
 
+def _click_and_check(page: Any, artifacts: Path, button: Any, heading: str, what: str, shot: str
+                     ) -> list[dict[str, Any]]:
+    """Click a button that searches, wait for the results' heading, check the 5 cards, screenshot them."""
+    from playwright.sync_api import expect
+
+    started = time.monotonic()
+    button.click()
+    expect(page.get_by_role("heading", name=re.compile(heading)), f"{what} heading").to_be_visible(
+        timeout=SEARCH_TIMEOUT_MS)
+    _settle(page, what)
+    cards = _check_results(page, what)
+    print(f"\n{what}: {time.monotonic() - started:.1f} s; {[(c['label'], c['captions'][-1:]) for c in cards]}")
+    _shot(page, artifacts, shot)
+    return cards
+
+
 def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: Path,
                                            tmp_path: Path) -> None:
     from playwright.sync_api import expect
@@ -328,27 +342,10 @@ def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: P
     search = page.get_by_role("button", name="Search", exact=True)
     expect(search).to_be_enabled()
 
-    started = time.monotonic()
-    search.click()
-    expect(page.get_by_role("heading", name=re.compile(r"^Results for")), "results heading").to_be_visible(
-        timeout=SEARCH_TIMEOUT_MS)
-    _settle(page, "upload search")
-    first = _check_results(page, "upload search")
-    print(f"\nupload search: {time.monotonic() - started:.1f} s; "
-          f"{[(c['label'], c['captions'][-1:]) for c in first]}")
-    _shot(page, artifacts, "search_1_upload_results")
-
+    first = _click_and_check(page, artifacts, search, r"^Results for", "upload search", "search_1_upload_results")
     top = page.get_by_role("button", name="More like this").first
     top.scroll_into_view_if_needed()
-    started = time.monotonic()
-    top.click()
-    expect(page.get_by_role("heading", name=re.compile(r"^More like #\d+")), "more-like-this heading").to_be_visible(
-        timeout=SEARCH_TIMEOUT_MS)
-    _settle(page, "more like this")
-    second = _check_results(page, "more like this")
-    print(f"more like this: {time.monotonic() - started:.1f} s; "
-          f"{[(c['label'], c['captions'][-1:]) for c in second]}")
-    _shot(page, artifacts, "search_2_more_like_this")
+    second = _click_and_check(page, artifacts, top, r"^More like #\d+", "more like this", "search_2_more_like_this")
 
     def key(cards: list[dict[str, Any]]) -> list[tuple[str, str, tuple[str, ...]]]:
         return [(c["label"], c["img"], tuple(c["captions"])) for c in cards]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes, make_collection, synthetic_image
+from conftest import ingest_quietly, jpeg_bytes, make_collection, synthetic_image
 from streamlit.testing.v1 import AppTest
 
 from imgrec import collection as col
@@ -55,12 +55,11 @@ NEAR = [{"a/p1.jpg", "near/p1_small.jpg", "near/p1_q60.jpg"}, {"a/p2.jpg", "copi
 
 @pytest.fixture(scope="module")
 def dup_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.ingest import ingest
 
     base = tmp_path_factory.mktemp("duplake")
     _folder(base / "photos")
     lake = base / "lake"
-    report = ingest([base / "photos"], Config.load(lake, workers=1), progress=False, log=lambda s: None)
+    report = ingest_quietly(base / "photos", lake)
     assert report.processed == 11 and report.skipped == 1
     return lake
 

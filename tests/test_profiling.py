@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_collection
+from conftest import ingest_quietly, make_collection
 from streamlit.testing.v1 import AppTest
 
 from imgrec import profiling as prof
@@ -23,12 +23,11 @@ TIMEOUT = 90  # seconds per script run (sample searches with uploads load the mo
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lake of 12 synthetic photos."""
-    from pipelines.ingest import ingest
 
     base = tmp_path_factory.mktemp("proflake")
     make_collection(base / "pictures", n=12)
     lake = base / "lake"
-    report = ingest([base / "pictures"], Config.load(lake, workers=1), progress=False, log=lambda s: None)
+    report = ingest_quietly(base / "pictures", lake)
     assert report.processed == 12
     return lake
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_collection
+from conftest import ingest_quietly, make_collection
 from streamlit.testing.v1 import AppTest
 
 from imgrec import projection as proj
-from imgrec.config import Config
 from imgrec.index import IndexSet
 from imgrec.lake import Lake
 from pipelines.project import Params, evaluate, project
@@ -29,9 +28,8 @@ SMALL = Params(sample=16, clusters=3, n_neighbors=8)  # fitted on 16 of the 24 i
 
 
 def _ingest(root: Path, lake: Path) -> None:
-    from pipelines.ingest import ingest
 
-    ingest([root], Config.load(lake, workers=1), progress=False, log=lambda s: None)
+    ingest_quietly(root, lake)
 
 
 @pytest.fixture(scope="module")
