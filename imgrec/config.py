@@ -44,13 +44,21 @@ class Config:
     max_file_bytes: int = 1024**3  # larger files are not read at ingestion (a video or disk image named .jpg)
     # colour histogram: HSV bins (hue, saturation, value)
     color_bins: tuple[int, int, int] = (8, 4, 4)
+    # embedding space, made at index time (tuned on Corel-1k and Flowers-17: docs/relevance.md)
+    embedding_dims: int = 128  # PCA-whitened dimensions kept (0: the model's vectors as they are)
+    whiten_power: float = 0.25  # each principal axis scaled by eigenvalue ** -power (0.5 = full whitening)
+    space_min_images: int = 1000  # smaller lakes keep the model's vectors: too few images to fit the space on
+    dba_k: int = 8  # database-side augmentation: each image averaged with its k nearest (itself first); 0: off
     # search
+    expand_k: int = 5  # alpha query expansion: the embedding query plus its k nearest images (0: off)
+    expand_alpha: float = 3.0
     candidates: int = 128  # per query image and measure, before the exact re-rank
     hnsw_connectivity: int = 16
     hnsw_expansion_add: int = 128
     hnsw_expansion_search: int = 256
     exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
-    mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.6), ("color", 0.25), ("hash", 0.15))
+    mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.1), ("hash", 0.3))  # relevance.md
+    near_duplicate_bits: int = 16  # mix: the hash scores 0 beyond this Hamming distance (of 128 bits; 8 of 64)
     softmin_tau: float = 0.05  # temperature of the multi-image soft minimum
 
     @classmethod

@@ -1,8 +1,10 @@
 """Search structures for one snapshot of the lake, opened memory-mapped.
 
-``indexes/snap-<N>/`` holds the image ids (sorted), the features as .npy matrices (embeddings in float16, colour
-histograms, packed hashes), two usearch HNSW graphs (embedding: cosine; colour: L2 over square-rooted histograms,
-which ranks exactly as the Hellinger distance), and ``meta.json`` (snapshot, model, random-pair baselines).
+``indexes/snap-<N>/`` holds the image ids (sorted), the features as .npy matrices (embeddings in float16 as searched:
+PCA-whitened and augmented for lakes of 1000 images or more, see ``pipelines.index.make_space``; colour histograms;
+packed hashes), ``whitening.npz`` (mean and projection from the model's vectors, where whitened), two usearch HNSW
+graphs (embedding: cosine; colour: L2 over square-rooted histograms, which ranks exactly as the Hellinger distance),
+and ``meta.json`` (snapshot, model, embedding space, random-pair baselines).
 ``indexes/CURRENT`` names the directory in use. An index whose snapshot differs from the lake's is stale.
 """
 
@@ -68,6 +70,21 @@ class IndexSet:
             return np.load(path / name, mmap_mode="r") if (path / name).stat().st_size else np.empty(0)
 
         return cls(path, meta, load("ids.npy"), load("embeddings.npy"), load("color.npy"), load("hashes.npy"))
+
+    @cached_property
+    def whitening(self) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
+        """(mean, projection) from the model's vectors to the searched ones; None where they are kept as they are."""
+        if not (self.path / "whitening.npz").is_file():
+            return None
+        with np.load(self.path / "whitening.npz") as z:
+            return z["mean"], z["projection"]
+
+    def project(self, raw: NDArray[np.floating]) -> NDArray[np.float32]:
+        """The model's embedding(s) of query images in the searched space: whitened when the index is, unit norm."""
+        from imgrec import similarity as sim
+
+        w = self.whitening
+        return sim.apply_whitening(raw, *w) if w is not None else sim.l2_normalize(raw).astype(np.float32)
 
     @cached_property
     def embedding_hnsw(self) -> Any:

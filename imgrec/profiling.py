@@ -30,7 +30,7 @@ _MODULE_T0 = time.perf_counter()  # the cold-start child's clock starts here (CL
 if TYPE_CHECKING:
     from imgrec.search import Engine, Query, SearchResponse
 
-SEARCH_STAGES = ("setup", "decode", "features", "candidates", "rerank", "metadata", "render", "total")
+SEARCH_STAGES = ("setup", "decode", "features", "expand", "candidates", "rerank", "metadata", "render", "total")
 MEASURE_ORDER = ("color", "hash", "embedding", "mix")
 INGEST_STAGES = ("scan", "read", "decode", "color", "hash", "thumbnail", "preprocess", "model_load", "embed", "write",
                  "compact", "index")

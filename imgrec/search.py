@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +69,10 @@ class Query:
 class QueryFeatures:
     hist: NDArray[np.float32]
     hashes: NDArray[np.uint64]  # (2,) phash, dhash
-    emb: NDArray[np.float32] | None
+    emb: NDArray[np.float32] | None  # in the index's space (whitened and unit norm where the index is)
     image_id: int | None = None
     content_hash: str | None = None
+    raw_emb: NDArray[np.float32] | None = None  # the model's output, for uploads (kept in the upload cache)
 
 
 @dataclass
@@ -282,8 +283,9 @@ class Engine:
                 hit = self._upload_cache.get(key)
                 if hit is not None:
                     self._upload_cache.move_to_end(key)
-            if hit is not None and (hit.emb is not None or not need_embedding):  # the same bytes searched before
-                out.append(QueryFeatures(hit.hist, hit.hashes, hit.emb, None, key))
+            if hit is not None and (hit.raw_emb is not None or not need_embedding):  # the same bytes searched before
+                emb = idx.project(hit.raw_emb) if hit.raw_emb is not None else None
+                out.append(QueryFeatures(hit.hist, hit.hashes, emb, None, key, hit.raw_emb))
                 continue
             fresh.append(len(out))
 
@@ -300,10 +302,12 @@ class Engine:
         if crops and need_embedding:
             emb, _, _ = self.embedder().embed(np.stack([c for _, c in crops]))
             for j, (pos, _) in enumerate(crops):
-                out[pos].emb = emb[j]
+                out[pos].raw_emb, out[pos].emb = emb[j], idx.project(emb[j])
         with self._lock:  # re-searching the same upload (other settings, "more like these") costs nothing
             for pos in fresh:
-                self._upload_cache[out[pos].content_hash or ""] = out[pos]
+                f = out[pos]
+                self._upload_cache[f.content_hash or ""] = QueryFeatures(f.hist, f.hashes, None, None,
+                                                                        f.content_hash, f.raw_emb)
             while len(self._upload_cache) > UPLOAD_CACHE:
                 self._upload_cache.popitem(last=False)
         timer.lap("features")
@@ -329,6 +333,7 @@ class Engine:
         aggregate: str = "softmin",
         negatives: Iterable[Query | str | os.PathLike[str] | bytes | int] = (),
         negative_weight: float = 0.5,
+        expand: bool | None = None,
         with_metadata: bool = True,
         details: bool = True,
     ) -> SearchResponse:
@@ -337,7 +342,8 @@ class Engine:
         ``negatives`` ("less like this") push down images that resemble them: the score loses
         ``negative_weight`` times the image's highest similarity to a negative example. ``details=False`` leaves out
         the scores and ranks of the measures not searched, and ``with_metadata=False`` the DuckDB metadata (for
-        evaluations that rank thousands of images).
+        evaluations that rank thousands of images). ``expand`` (default: on where the lake's embedding space is
+        tuned, see ``Config.expand_k``) replaces each embedding query by its alpha query expansion.
         """
         timer = _Timer()
         qs = [Query.of(q) for q in queries]
@@ -364,6 +370,10 @@ class Engine:
         timer.lap("setup")
         all_feats = self.features(qs + negs, need_emb, timer)
         feats, neg_feats = all_feats[: len(qs)], all_feats[len(qs):]
+        if need_emb and self.config.expand_k > 0 and (expand if expand is not None else self.expands):
+            feats = [self._expand(idx, f) for f in feats]
+            all_feats = feats + neg_feats
+            timer.lap("expand")
 
         # candidates (from the positive query images only)
         excluded = set(int(i) for i in exclude_ids)
@@ -392,8 +402,10 @@ class Engine:
         P = len(qs)
         norm: dict[str, NDArray[np.float32]] = {}
         if measure == "mix":
-            base = idx.meta.get("baselines", {})
-            norm = {m: sim.normalize_to_baseline(S[m], base.get(m, {}).get(dists[m], 0.0)) for m in measures}
+            base = {m: idx.meta.get("baselines", {}).get(m, {}).get(dists[m], 0.0) for m in measures}
+            if "hash" in base:  # in mix the hash is near-duplicate evidence: 0 beyond near_duplicate_bits of 128
+                base["hash"] = 1.0 - self.config.near_duplicate_bits / 128
+            norm = {m: sim.normalize_to_baseline(S[m], base[m]) for m in measures}
             per_image = sim.fuse(norm, w)
         else:
             per_image = S[measure]
@@ -457,6 +469,24 @@ class Engine:
             return [{**e, "timings_ms": dict(e["timings_ms"])} for e in self._history]
 
     # --- pieces ----------------------------------------------------------------------------------------------------
+
+    @property
+    def expands(self) -> bool:
+        """Whether embedding queries are expanded by default: where the lake's embedding space is tuned."""
+        return bool(self.index is not None and self.index.meta.get("space", {}).get("whitened"))
+
+    def _expand(self, idx: IndexSet, f: QueryFeatures) -> QueryFeatures:
+        """Alpha query expansion of one query image's embedding with its nearest images (itself left out)."""
+        if f.emb is None:
+            return f
+        k = self.config.expand_k
+        rows = self._candidates(idx, "embedding", f, k + 1, "cosine")
+        if f.image_id is not None:
+            rows = rows[idx.ids[rows] != f.image_id]
+        X = np.asarray(idx.embeddings[rows], dtype=np.float32)
+        s = X @ f.emb
+        top = np.argsort(-s, kind="stable")[:k]
+        return replace(f, emb=sim.expand_query(f.emb, X[top], s[top], self.config.expand_alpha))
 
     def _require_index(self) -> IndexSet:
         if self.index is None or self.index.size == 0:

@@ -45,6 +45,44 @@ def manhattan_distance(q: Floats, X: Floats) -> F32:
     return np.abs(_rows(X).astype(np.float32) - q.reshape(1, -1).astype(np.float32)).sum(axis=1).astype(np.float32)
 
 
+def fit_whitening(X: Floats, dims: int, power: float = 0.25, eps: float = 1e-6) -> tuple[F32, F32]:
+    """PCA-whitening of the rows of ``X``: ``(mean, projection)`` with ``projection`` of shape ``(d, dims)``.
+
+    Each principal axis is scaled by ``eigenvalue ** -power`` (0.5 is full whitening; smaller powers only damp the
+    dominant directions, which suits retrieval better, as in Jégou and Chum's "negative evidences").
+    """
+    X = np.asarray(X, dtype=np.float64)
+    mean = X.mean(axis=0)
+    w, V = np.linalg.eigh(np.cov((X - mean).T))
+    top = np.argsort(-w)[: min(dims, X.shape[1])]
+    return mean.astype(np.float32), (V[:, top] / (np.maximum(w[top], 0.0) + eps) ** power).astype(np.float32)
+
+
+def apply_whitening(X: Floats, mean: Floats, projection: Floats) -> F32:
+    """Rows of ``X`` (or one vector) projected by ``fit_whitening``'s result and L2-normalised."""
+    Y = (np.asarray(X, dtype=np.float32) - mean) @ projection
+    return l2_normalize(Y).astype(np.float32)
+
+
+def augment(X: Floats, neighbours: NDArray[np.integer]) -> F32:
+    """Database-side augmentation: each row replaced by the weighted sum of its ``k`` nearest rows, re-normalised.
+
+    ``neighbours[i]`` lists row i's nearest rows best first (itself first); the weights fall linearly from 1 to
+    ``1/k``, so each image moves towards its neighbourhood without losing itself.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    k = neighbours.shape[1]
+    w = np.linspace(1.0, 0.0, k + 1, dtype=np.float32)[:k]
+    return l2_normalize(np.einsum("k,nkd->nd", w, X[neighbours])).astype(np.float32)
+
+
+def expand_query(q: Floats, neighbours: Floats, similarities: Floats, alpha: float = 3.0) -> F32:
+    """Alpha query expansion: ``q`` plus its nearest vectors weighted by ``similarity ** alpha``, re-normalised."""
+    w = np.clip(np.asarray(similarities, dtype=np.float32), 0.0, None) ** np.float32(alpha)
+    out = np.asarray(q, dtype=np.float32).reshape(-1) + w @ _rows(np.asarray(neighbours, dtype=np.float32))
+    return l2_normalize(out).astype(np.float32)
+
+
 # --- histograms -----------------------------------------------------------------------------------------------------
 
 

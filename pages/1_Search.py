@@ -245,9 +245,9 @@ def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
         defaults = status.engine.config.weights
         w1, w2, w3 = st.columns(3)
         weights = {
-            "embedding": w1.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.6)), 0.05, key="w_embedding"),
-            "color": w2.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.25)), 0.05, key="w_color"),
-            "hash": w3.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.15)), 0.05, key="w_hash"),
+            "embedding": w1.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.85)), 0.05, key="w_embedding"),
+            "color": w2.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.1)), 0.05, key="w_color"),
+            "hash": w3.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.3)), 0.05, key="w_hash"),
         }
         opts["weights"] = weights if opts["measure"] == "mix" else None
         a1, a2 = st.columns(2)

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,23 +102,31 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         del tbl
         t_read = time.perf_counter() - t0
 
+        t1 = time.perf_counter()
+        space = make_space(config, emb, ids, prev, prev_meta, manifest.model, log=log)
+        emb = space.vectors
+        t_space = time.perf_counter() - t1
+
         out = index_root(lake) / f"snap-{manifest.snapshot:08d}"
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         np.save(tmp / "ids.npy", ids)
         np.save(tmp / "embeddings.npy", emb.astype(np.float16))
+        if space.whitening is not None:
+            np.savez(tmp / "whitening.npz", mean=space.whitening[0], projection=space.whitening[1])
         np.save(tmp / "color.npy", color)
         np.save(tmp / "hashes.npy", hashes)
 
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1
         reused = {}
-        for name, vectors, metric, dtype in (
-            ("embedding", emb, "cos", "f16"),
-            ("color", np.sqrt(color), "l2sq", "f32"),
+        for name, vectors, metric, dtype, reusable in (
+            ("embedding", emb, "cos", "f16", space.reusable),
+            ("color", np.sqrt(color), "l2sq", "f32", True),
         ):
-            index, reused[name] = _hnsw(Index, prev, prev_meta, manifest.model, name, ids, vectors, metric, dtype, config, threads)
+            index, reused[name] = _hnsw(Index, prev if reusable else None, prev_meta, manifest.model, name, ids,
+                                        vectors, metric, dtype, config, threads)
             index.save(str(tmp / f"{name}.usearch"))
         t_hnsw = time.perf_counter() - t1
 
@@ -126,8 +135,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             "model": manifest.model, "color_bins": list(manifest.color_bins),
             "hnsw": {"connectivity": config.hnsw_connectivity, "expansion_add": config.hnsw_expansion_add,
                      "incremental": reused},
+            "space": space.meta,
             "baselines": baselines(emb, color, hashes),
-            "build_seconds": {"read": round(t_read, 3), "hnsw": round(t_hnsw, 3),
+            "build_seconds": {"read": round(t_read, 3), "space": round(t_space, 3), "hnsw": round(t_hnsw, 3),
                               "total": round(time.perf_counter() - t0, 3)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -139,6 +149,91 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             log(f"imgrec: index of snapshot {manifest.snapshot} ({len(ids)} images) built in "
                 f"{meta['build_seconds']['total']:.1f}s")
         return meta
+
+
+@dataclass
+class Space:
+    """The embedding vectors as searched, and how they were made from the model's."""
+
+    vectors: np.ndarray  # (n, dims) float32, L2-normalised
+    whitening: tuple[np.ndarray, np.ndarray] | None  # (mean, projection), None: the model's vectors kept
+    meta: dict[str, Any]
+    reusable: bool  # the previous index's vectors of the images it had are still valid (same space)
+
+
+def make_space(config: Config, raw: np.ndarray, ids: np.ndarray, prev: Path | None, prev_meta: dict | None,
+               model: dict[str, Any], *, log: Any = None) -> Space:
+    """PCA-whitening (fitted on up to 100k images) then database-side augmentation of the model's embeddings.
+
+    Lakes under ``config.space_min_images`` keep the L2-normalised model vectors. An incremental build keeps the
+    previous whitening while the lake has not doubled since it was fitted, and then keeps the previous augmented
+    vectors of the images it had (their neighbourhood barely moves) and augments only the new images.
+    """
+    n = len(ids)
+    if n < max(config.space_min_images, 2) or config.embedding_dims <= 0:
+        return Space(sim.l2_normalize(raw), None, {"whitened": False, "dims": int(raw.shape[1]), "dba_k": 0}, True)
+    params = {"whitened": True, "power": config.whiten_power, "dba_k": config.dba_k, "raw_dims": int(raw.shape[1])}
+    old = (prev_meta or {}).get("space") or {}
+    same = (prev is not None and prev_meta is not None and prev_meta.get("model") == model
+            and (prev / "whitening.npz").is_file() and all(old.get(k) == v for k, v in params.items())
+            and old.get("dims") == min(config.embedding_dims, raw.shape[1]) and n <= 2 * int(old.get("fitted_on", 0)))
+    if same:
+        with np.load(prev / "whitening.npz") as z:
+            whitening = (z["mean"], z["projection"])
+        meta = old
+    else:
+        rng = np.random.default_rng(0)
+        sample = raw[np.sort(rng.choice(n, min(n, 100_000), replace=False))]
+        whitening = sim.fit_whitening(sample, config.embedding_dims, config.whiten_power)
+        meta = {**params, "dims": int(whitening[1].shape[1]), "fitted_on": n}
+    V = np.concatenate([sim.apply_whitening(raw[i : i + 65536], *whitening) for i in range(0, n, 65536)])
+    k = min(config.dba_k, n)
+    if k <= 1:
+        return Space(V, whitening, meta, same)
+    old_ids = np.load(prev / "ids.npy") if same else np.empty(0, np.int64)
+    known = np.isin(ids, old_ids, assume_unique=True)
+    new_rows = np.flatnonzero(~known)
+    if same and new_rows.size <= EXACT_NEIGHBOURS:
+        out = np.empty_like(V)
+        old_vecs = np.load(prev / "embeddings.npy", mmap_mode="r")
+        out[known] = np.asarray(old_vecs[np.searchsorted(old_ids, ids[known])], dtype=np.float32)
+        if new_rows.size:
+            out[new_rows] = sim.augment(V, _neighbours(V, k, new_rows))
+        return Space(out, whitening, meta, True)
+    if log:
+        log(f"imgrec: embedding space: whitening to {meta['dims']} dims, augmenting {n:,} images with their {k} "
+            "nearest")
+    return Space(sim.augment(V, _neighbours(V, k)), whitening, meta, False)
+
+
+EXACT_NEIGHBOURS = 20_000  # at most this many query rows: exact neighbours by blocked products, else an HNSW graph
+
+
+def _neighbours(V: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """The ``k`` nearest rows of ``V`` (cosine, unit rows) to each of ``rows`` (default: all), best first."""
+    queries = np.arange(len(V)) if rows is None else rows
+    if len(queries) <= EXACT_NEIGHBOURS or len(V) <= EXACT_NEIGHBOURS:
+        out = np.empty((len(queries), k), np.int64)
+        for s in range(0, len(queries), 1024):
+            S = V[queries[s : s + 1024]] @ V.T
+            S[np.arange(S.shape[0]), queries[s : s + 1024]] = np.inf  # itself first, even among exact duplicates
+            top = np.argpartition(-S, k - 1, axis=1)[:, :k]
+            out[s : s + 1024] = np.take_along_axis(top, np.argsort(-np.take_along_axis(S, top, 1), axis=1), 1)
+        return out
+    from usearch.index import Index
+
+    graph = Index(ndim=V.shape[1], metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64)
+    keys = np.arange(len(V), dtype=np.uint64)
+    graph.add(keys, V, threads=os.cpu_count() or 1)
+    found = graph.search(V[queries], k, threads=os.cpu_count() or 1)
+    nn = np.asarray(found.keys, dtype=np.int64).reshape(len(queries), k)
+    nn[nn >= len(V)] = queries[np.nonzero(nn >= len(V))[0]]  # a missing neighbour (tiny graphs): itself again
+    has_self = (nn == queries[:, None]).any(axis=1)  # itself first (an exact duplicate may have come first)
+    nn[~has_self, -1] = queries[~has_self]
+    self_pos = np.argmax(nn == queries[:, None], axis=1)
+    nn[np.arange(len(nn)), self_pos] = nn[:, 0]
+    nn[:, 0] = queries
+    return nn
 
 
 def _hnsw(Index: Any, prev: Path | None, prev_meta: dict | None, model: dict, name: str, ids: np.ndarray,

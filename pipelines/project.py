@@ -265,7 +265,8 @@ def project(lake_root: str | Path, features: str = "embedding", params: Params |
     old_meta = proj.read_meta(lake.root).get(key)
     mpath = proj.model_path(lake.root, key)
     reuse = (not refit and old_meta is not None and mpath.is_file() and params.method != "tsne"
-             and old_meta.get("params", {}).get("fit") == params.fit_params())
+             and old_meta.get("params", {}).get("fit") == params.fit_params()
+             and (features != "embedding" or old_meta.get("space") == idx.meta.get("space")))  # new space: refit
     timings: dict[str, float] = {}
     added = removed = 0
     if reuse:
@@ -307,6 +308,7 @@ def project(lake_root: str | Path, features: str = "embedding", params: Params |
     t = time.perf_counter()
     meta = {
         "key": key, "features": features, "method": params.method, "dims": params.dims,
+        "space": idx.meta.get("space"),
         "params": {"fit": params.fit_params(), "batch": params.batch}, "count": int(len(ids)),
         "snapshot": idx.snapshot, "fitted_on": int(fitted_on), "fitted_snapshot": int(fitted_at),
         "added": added, "removed": removed, "refitted": not reuse, "clusters": summaries,

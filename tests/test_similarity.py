@@ -734,12 +734,68 @@ def test_ranks_within_counts_better_scores_and_shares_ties():
     assert sim.ranks_within(np.empty(0), []).size == 0
 
 
+def test_fit_whitening_decorrelates_and_orders_axes():
+    rng = np.random.default_rng(0)
+    scales = np.array([5.0, 3.0, 1.0, 0.5, 0.1])
+    X = rng.normal(size=(4000, 5)) * scales @ np.linalg.qr(rng.normal(size=(5, 5)))[0] + 7.0
+    mean, P = sim.fit_whitening(X, dims=3, power=0.5)
+    assert mean.shape == (5,) and P.shape == (5, 3)
+    for j in range(5):  # the mean, column by column with Python floats
+        assert math.isclose(float(mean[j]), sum(float(x) for x in X[:, j]) / len(X), rel_tol=1e-4)
+    Y = (X - mean) @ P
+    C = np.cov(Y.T)  # full whitening: identity covariance on the kept axes
+    assert np.allclose(C, np.eye(3), atol=0.03)
+    basis = np.linalg.qr(P)[0]  # the kept axes span the 3 largest-variance directions: 25 + 9 + 1
+    assert math.isclose(float(np.var((X - mean) @ basis, axis=0).sum()), 35.0, rel_tol=0.06)
+    _, P25 = sim.fit_whitening(X, dims=5, power=0.25)  # a smaller power only damps: variance ratio 25^0.5 = 5
+    v = np.var((X - mean) @ P25, axis=0)
+    assert v[0] > v[-1] and math.isclose(v[0] / v[1], (25 / 9) ** 0.5, rel_tol=0.1)
+
+
+def test_apply_whitening_projects_and_normalises():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 6))
+    mean, P = sim.fit_whitening(X, dims=4)
+    Y = sim.apply_whitening(X, mean, P)
+    assert Y.shape == (300, 4) and Y.dtype == np.float32
+    for i in (0, 7, 299):
+        row = [sum((float(X[i, a]) - float(mean[a])) * float(P[a, b]) for a in range(6)) for b in range(4)]
+        norm = math.sqrt(sum(v * v for v in row))
+        assert np.allclose(Y[i], [v / norm for v in row], atol=1e-5)
+    assert np.allclose(sim.apply_whitening(X[3], mean, P), Y[3], atol=1e-6)  # one vector as well as rows
+
+
+def test_augment_weights_neighbours_linearly():
+    rng = np.random.default_rng(2)
+    X = sim.l2_normalize(rng.normal(size=(10, 4)))
+    nn = np.array([[i, (i + 1) % 10, (i + 3) % 10] for i in range(10)])
+    D = sim.augment(X, nn)
+    for i in range(10):
+        w = (1.0, 2 / 3, 1 / 3)
+        row = [sum(w[j] * float(X[nn[i, j], d]) for j in range(3)) for d in range(4)]
+        norm = math.sqrt(sum(v * v for v in row))
+        assert np.allclose(D[i], [v / norm for v in row], atol=1e-5)
+    assert np.allclose(sim.augment(X, np.arange(10).reshape(-1, 1)), X, atol=1e-6)  # k = 1: itself alone
+
+
+def test_expand_query_adds_weighted_neighbours():
+    q = np.array([1.0, 0.0, 0.0])
+    nbrs = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    out = sim.expand_query(q, nbrs, np.array([0.5, 1.0, -0.2]), alpha=2.0)
+    row = [1.0, 0.25, 1.0]  # 0.5**2, 1**2, a negative similarity counts 0
+    norm = math.sqrt(sum(v * v for v in row))
+    assert np.allclose(out, [v / norm for v in row], atol=1e-6)
+    assert np.allclose(sim.expand_query(q, nbrs, np.zeros(3)), q)  # nothing similar: the query unchanged
+    assert np.allclose(sim.expand_query(q, nbrs[:0], np.zeros(0)), q)
+
+
 def test_every_public_function_is_tested():
     public = {n for n, v in vars(sim).items() if callable(v) and not n.startswith("_") and v.__module__ == sim.__name__}
     tested = {
         "l2_normalize", "cosine_similarity", "euclidean_distance", "manhattan_distance", "normalize_histogram",
         "chi2_distance", "hellinger_distance", "intersection_distance", "emd_distance", "hamming_distance",
         "to_similarity", "normalize_to_baseline", "fuse", "soft_min", "aggregate", "penalize", "ranks_within",
+        "fit_whitening", "apply_whitening", "augment", "expand_query",
     }
     assert public == tested
 
