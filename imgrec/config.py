@@ -54,7 +54,7 @@ class Config:
     expand_alpha: float = 3.0
     candidates: int = 128  # per query image and measure, before the exact re-rank
     hnsw_connectivity: int = 16
-    hnsw_expansion_add: int = 128
+    hnsw_expansion_add: int = 64  # 100k images: recall@10 0.992 (128: 0.999) for half the build time
     hnsw_expansion_search: int = 256
     exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
     mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.1), ("hash", 0.3))  # relevance.md

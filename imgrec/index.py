@@ -2,7 +2,8 @@
 
 ``indexes/snap-<N>/`` holds the image ids (sorted), the features as .npy matrices (embeddings in float16 as searched:
 PCA-whitened and augmented for lakes of 1000 images or more, see ``pipelines.index.make_space``; colour histograms;
-packed hashes), ``whitening.npz`` (mean and projection from the model's vectors, where whitened), two usearch HNSW
+packed hashes), ``rows.arrow`` (each row's path, collection, size and label: the results' metadata without a
+DuckDB query), ``whitening.npz`` (mean and projection from the model's vectors, where whitened), two usearch HNSW
 graphs (embedding: cosine; colour: L2 over square-rooted histograms, which ranks exactly as the Hellinger distance),
 and ``meta.json`` (snapshot, model, embedding space, random-pair baselines).
 ``indexes/CURRENT`` names the directory in use. An index whose snapshot differs from the lake's is stale.
@@ -85,6 +86,16 @@ class IndexSet:
 
         w = self.whitening
         return sim.apply_whitening(raw, *w) if w is not None else sim.l2_normalize(raw).astype(np.float32)
+
+    @cached_property
+    def metadata(self) -> Any:
+        """Per row: image_id, path, collection, relpath, width, height, label (a memory-mapped Arrow table; None
+        for an index written before it existed)."""
+        if not (self.path / "rows.arrow").is_file():
+            return None
+        import pyarrow as pa
+
+        return pa.ipc.open_file(pa.memory_map(str(self.path / "rows.arrow"))).read_all()
 
     @cached_property
     def embedding_hnsw(self) -> Any:

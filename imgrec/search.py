@@ -385,8 +385,13 @@ class Engine:
         if allowed is not None and allowed.size <= self.config.exact_filter_limit:
             pool = allowed
         else:
-            pool = np.unique(np.concatenate([self._candidates(idx, m, f, per_query, dists[m])
-                                             for f in feats for m in measures]))
+            found = [self._candidates(idx, m, f, per_query, dists[m], near_only=measure == "mix")
+                     for f in feats for m in measures]
+            if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
+                mid = _centroid(feats)
+                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m]) for m in measures
+                          if m != "hash" and (m != "embedding" or mid.emb is not None)]
+            pool = np.unique(np.concatenate(found))
             if allowed is not None:
                 pool = np.intersect1d(pool, allowed, assume_unique=True)
                 if pool.size < k:
@@ -432,8 +437,8 @@ class Engine:
                    contributions={m: float(contrib[m][r]) for m in contrib})
             for r, j in enumerate(order)
         ]
-        if with_metadata:  # paths, labels, sizes from DuckDB (evaluations ranking thousands of ids skip it)
-            self._attach_metadata(results)
+        if with_metadata:  # paths, labels, sizes (evaluations ranking thousands of ids skip it)
+            self._attach_metadata(results, idx, pool[order])
         timer.lap("metadata")
         timer.ms["total"] = round(sum(v for s, v in timer.ms.items() if s != "total"), 3)
         resp = SearchResponse(results, timer.ms, measure, distance if measure != "mix" else "fused", k,
@@ -494,12 +499,22 @@ class Engine:
                             f"--lake {self.lake.root}")
         return self.index
 
-    def _candidates(self, idx: IndexSet, measure: str, f: QueryFeatures, count: int, distance: str
-                    ) -> NDArray[np.int64]:
-        """Rows of the best ``count`` images for one query image under one measure, over the whole collection."""
+    def _candidates(self, idx: IndexSet, measure: str, f: QueryFeatures, count: int, distance: str,
+                    near_only: bool = False) -> NDArray[np.int64]:
+        """Rows of the best ``count`` images for one query image under one measure, over the whole collection.
+
+        ``near_only`` (mix, where the hash is near-duplicate evidence only): the hash's candidates are only the
+        images within ``near_duplicate_bits`` (usually none or a few), which keeps the pooled candidates small.
+        """
         count = min(count, idx.size)
         if measure == "hash":
-            d = sim.hamming_distance(f.hashes[_hash_cols(distance)], idx.hashes[:, _hash_cols(distance)])
+            cols = _hash_cols(distance)
+            d = sim.hamming_distance(f.hashes[cols], idx.hashes[:, cols])
+            if near_only:
+                close = np.flatnonzero(d <= self.config.near_duplicate_bits * (cols.stop - cols.start) // 2)
+                if close.size > count:
+                    close = close[np.argpartition(d[close], count - 1)[:count]]
+                return close.astype(np.int64)
             if count >= d.size:
                 return np.arange(d.size, dtype=np.int64)
             return np.argpartition(d, count - 1)[:count].astype(np.int64)
@@ -537,7 +552,7 @@ class Engine:
         cols = _hash_cols(distance)
         X = np.asarray(idx.hashes[pool][:, cols])
         return np.stack([sim.to_similarity("hash", distance, sim.hamming_distance(f.hashes[cols], X),
-                                           dim=64 * len(cols)) for f in feats])
+                                           dim=64 * (cols.stop - cols.start)) for f in feats])
 
     def _allowed_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None,
                       labels: Sequence[str] | None = None) -> NDArray[np.int64] | None:
@@ -608,8 +623,14 @@ class Engine:
             f"SELECT image_id FROM images WHERE content_hash IN ({', '.join('?' * len(hashes))})", hashes).fetchall()
         return {int(r[0]) for r in rows}
 
-    def _attach_metadata(self, results: list[Result]) -> None:
-        meta = self.lookup_ids([r.image_id for r in results])
+    def _attach_metadata(self, results: list[Result], idx: IndexSet, rows: NDArray[np.int64]) -> None:
+        """From the index's row table (memory-mapped, no query), else from DuckDB."""
+        table = idx.metadata
+        if table is not None:
+            picked = table.take(rows).to_pylist()
+            meta = {int(m["image_id"]): m for m in picked}
+        else:
+            meta = self.lookup_ids([r.image_id for r in results])
         for res in results:
             m = meta.get(res.image_id)
             if m:
@@ -639,8 +660,17 @@ def _dicts(cur: Any) -> list[dict[str, Any]]:
     return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
-def _hash_cols(distance: str) -> list[int]:
-    return {"phash+dhash": [0, 1], "phash": [0], "dhash": [1]}[distance]
+def _centroid(feats: Sequence[QueryFeatures]) -> QueryFeatures:
+    """The mean of several query images' features (histogram, unit-norm embedding): one more candidate search."""
+    hist = np.mean([f.hist for f in feats], axis=0).astype(np.float32)
+    embs = [f.emb for f in feats if f.emb is not None]
+    emb = sim.l2_normalize(np.mean(embs, axis=0)) if len(embs) == len(feats) else None
+    return QueryFeatures(hist, feats[0].hashes, emb)
+
+
+def _hash_cols(distance: str) -> slice:
+    """The hash words a distance reads (a slice, so the memory-mapped matrix is viewed, never copied)."""
+    return {"phash+dhash": slice(0, 2), "phash": slice(0, 1), "dhash": slice(1, 2)}[distance]
 
 
 _ENGINES: dict[Path, Engine] = {}

@@ -153,10 +153,13 @@ HISTOGRAM_DISTANCES = {
 
 def hamming_distance(q: NDArray[np.uint64], X: NDArray[np.uint64]) -> NDArray[np.int32]:
     """Number of differing bits between packed uint64 hashes: a vectorised popcount over every row of X."""
-    X = np.ascontiguousarray(X, dtype=np.uint64)
+    X = np.asarray(X, dtype=np.uint64)  # no copy of a memory-mapped matrix; one word (column) at a time
     X = X.reshape(X.shape[0], -1) if X.ndim > 1 else X.reshape(-1, 1)
-    x = np.bitwise_xor(X, np.asarray(q, dtype=np.uint64).reshape(1, -1))
-    return np.bitwise_count(x).sum(axis=1, dtype=np.int32)
+    q = np.asarray(q, dtype=np.uint64).reshape(-1)
+    out = np.bitwise_count(X[:, 0] ^ q[0]).astype(np.int32)
+    for j in range(1, X.shape[1]):
+        out += np.bitwise_count(X[:, j] ^ q[j])
+    return out
 
 
 # --- scores, fusion, aggregation --------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             "JOIN embeddings e USING (image_id) JOIN color c USING (image_id) JOIN hashes h USING (image_id) "
             "ORDER BY i.image_id")
         n_images = conn.count()
+        rows = conn.arrow(
+            "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label FROM images i "
+            "LEFT JOIN labels l USING (image_id) ORDER BY i.image_id")
         conn.close()
         if tbl.num_rows != n_images:
             raise LakeError(f"{n_images - tbl.num_rows} images lack features; the lake is inconsistent")
@@ -117,6 +120,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             np.savez(tmp / "whitening.npz", mean=space.whitening[0], projection=space.whitening[1])
         np.save(tmp / "color.npy", color)
         np.save(tmp / "hashes.npy", hashes)
+        if rows.num_rows == len(ids) and np.array_equal(rows.column("image_id").to_numpy(), ids):
+            with pa.OSFile(str(tmp / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
+                w.write_table(rows.combine_chunks())  # the results' metadata by row, memory-mapped by searchers
 
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1
@@ -222,7 +228,9 @@ def _neighbours(V: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.nda
         return out
     from usearch.index import Index
 
-    graph = Index(ndim=V.shape[1], metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64)
+    # a light graph: the augmentation weights its neighbours 7/8 to 1/8, so 94% of the exact 8 nearest do (measured:
+    # 100k images, recall@8 0.94, 4x faster to build and search than the search graph's settings)
+    graph = Index(ndim=V.shape[1], metric="cos", dtype="f16", connectivity=8, expansion_add=32, expansion_search=32)
     keys = np.arange(len(V), dtype=np.uint64)
     graph.add(keys, V, threads=os.cpu_count() or 1)
     found = graph.search(V[queries], k, threads=os.cpu_count() or 1)

@@ -306,3 +306,13 @@ def test_an_upload_searched_again_reuses_its_features(lake: tuple[Path, Path]) -
     assert emb.timings_ms["decode"] > 0 and engine._embedder is not None
     mix = engine.search([data], "mix", k=5)
     assert mix.timings_ms["decode"] == 0 and mix.results[0].relpath == emb.results[0].relpath
+
+
+def test_result_metadata_comes_from_the_index_and_matches_duckdb(engine: Engine) -> None:
+    assert engine.index.metadata is not None and engine.index.metadata.num_rows == engine.size
+    resp = engine.search([int(engine.index.ids[3])], "mix", k=8)
+    rows = engine.lookup_ids([r.image_id for r in resp.results])  # DuckDB
+    for r in resp.results:
+        m = rows[r.image_id]
+        assert (r.path, r.collection, r.relpath, r.width, r.height, r.label) == (
+            m["path"], m["collection"], m["relpath"], m["width"], m["height"], m["label"])
