@@ -35,6 +35,8 @@ class Config:
     model: str = "efficientnet-lite0"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
     batch_size: int = 32
+    query_threads: int = 1  # torch threads for embedding query images on the CPU (0: torch's default, every core):
+    # with the cores busy elsewhere, torch's spinning threads made one upload take 950 ms instead of 15-20 ms
     # ingestion
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     commit_every: int = 512  # images per atomic commit (what a kill -9 can lose at most)

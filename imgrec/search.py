@@ -214,6 +214,10 @@ class Engine:
                 recorded = self.index.meta["model"]
                 t0 = time.perf_counter()
                 emb = Embedder(recorded["name"], self.config.device)
+                if emb.device == "cpu" and self.config.query_threads > 0:
+                    import torch
+
+                    torch.set_num_threads(self.config.query_threads)
                 self.startup_ms["model_load"] = round((time.perf_counter() - t0) * 1000.0, 1)
                 if emb.checksum != recorded.get("checksum"):
                     raise ModelMismatch(
@@ -389,8 +393,8 @@ class Engine:
                      for f in feats for m in measures]
             if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
                 mid = _centroid(feats)
-                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m]) for m in measures
-                          if m != "hash" and (m != "embedding" or mid.emb is not None)]
+                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m], near_only=measure == "mix")
+                          for m in measures if m != "embedding" or mid.emb is not None]
             pool = np.unique(np.concatenate(found))
             if allowed is not None:
                 pool = np.intersect1d(pool, allowed, assume_unique=True)
@@ -661,11 +665,14 @@ def _dicts(cur: Any) -> list[dict[str, Any]]:
 
 
 def _centroid(feats: Sequence[QueryFeatures]) -> QueryFeatures:
-    """The mean of several query images' features (histogram, unit-norm embedding): one more candidate search."""
+    """The middle of several query images (mean histogram, unit-norm mean embedding, bitwise majority of the
+    hashes, which minimises the summed Hamming distance): one more candidate search per measure."""
     hist = np.mean([f.hist for f in feats], axis=0).astype(np.float32)
     embs = [f.emb for f in feats if f.emb is not None]
     emb = sim.l2_normalize(np.mean(embs, axis=0)) if len(embs) == len(feats) else None
-    return QueryFeatures(hist, feats[0].hashes, emb)
+    bits = np.unpackbits(np.stack([f.hashes for f in feats]).astype(">u8").view(np.uint8), axis=1)
+    majority = np.packbits(2 * bits.sum(axis=0) > len(feats)).view(">u8").astype(np.uint64)
+    return QueryFeatures(hist, majority, emb)
 
 
 def _hash_cols(distance: str) -> slice:

@@ -316,3 +316,15 @@ def test_result_metadata_comes_from_the_index_and_matches_duckdb(engine: Engine)
         m = rows[r.image_id]
         assert (r.path, r.collection, r.relpath, r.width, r.height, r.label) == (
             m["path"], m["collection"], m["relpath"], m["width"], m["height"], m["label"])
+
+
+def test_the_middle_of_several_query_images() -> None:
+    from imgrec.search import QueryFeatures, _centroid
+
+    words = [(0b1011, 2**63 + 1), (0b0011, 2**63), (0b1000, 1)]
+    feats = [QueryFeatures(np.eye(4, dtype=np.float32)[i], np.array(w, np.uint64), np.eye(3, dtype=np.float32)[i])
+             for i, w in enumerate(words)]
+    mid = _centroid(feats)
+    assert mid.hashes.tolist() == [0b1011, 2**63 + 1]  # each bit as most query images have it
+    assert np.allclose(mid.hist, [1 / 3, 1 / 3, 1 / 3, 0]) and np.allclose(mid.emb, np.ones(3) / np.sqrt(3))
+    assert _centroid([feats[0], QueryFeatures(feats[1].hist, feats[1].hashes, None)]).emb is None
