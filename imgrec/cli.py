@@ -129,6 +129,12 @@ def cmd_project(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from imgrec.bench.runner import cli
+
+    return cli(args)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from imgrec.lake import Lake
 
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("index", help="build the search index of the lake's current snapshot")
     lake_arg(sp)
-    sp.add_argument("--force", action="store_true", help="rebuild even if the index is current")
+    sp.add_argument("--force", action="store_true", help="rebuild from scratch even if the index is current")
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("search", help="the most similar images to 1 to 5 query images")
@@ -235,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_project)
+
+    sp = sub.add_parser("bench", help="performance benchmark: search stage vs exact search, end to end, cold "
+                                      "start, ingestion; a JSON report and a Markdown table against the targets")
+    sp.add_argument("--quick", action="store_true", help="N = 10k only, few queries (under 3 minutes); default: full")
+    sp.add_argument("--sizes", help="collection sizes, e.g. 10000,100k,400k,1M (default: 10k; full: 10k,100k,400k,1M)")
+    sp.add_argument("--out", help="folder of the report files bench-<quick|full>.json and .md (default docs/bench; "
+                                  "other --sizes than the mode's add them to the name: bench-full-100k.md)")
+    sp.add_argument("--source-lake", help="a lake of real photos whose features seed the synthetic collections "
+                                          "(default: ../shared/data's corel1k + flowers17, ingested once and cached)")
+    sp.add_argument("--work", help="cache of synthetic lakes (default: $IMGREC_BENCH_CACHE, else "
+                                   "~/.cache/imgrec/bench)")
+    sp.add_argument("--skip", action="append", choices=("search", "e2e", "cold", "ingest"),
+                    help="leave out a part (repeatable)")
+    sp.add_argument("--queries", type=int, help="single-image searches per measure (5-image ones: a third)")
+    sp.add_argument("--ingest-limit", type=int, help="images per ingested set (0: all; quick 60, full 2000)")
+    sp.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("stats", help="counts per collection and the skipped files with their reasons")
     lake_arg(sp)

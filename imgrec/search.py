@@ -393,8 +393,9 @@ class Engine:
                      for f in feats for m in measures]
             if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
                 mid = _centroid(feats)
-                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m], near_only=measure == "mix")
-                          for m in measures if m != "embedding" or mid.emb is not None]
+                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m])  # (mix: hashes find copies only)
+                          for m in measures if (m != "embedding" or mid.emb is not None) and m != "hash" or
+                          measure == "hash"]
             pool = np.unique(np.concatenate(found))
             if allowed is not None:
                 pool = np.intersect1d(pool, allowed, assume_unique=True)

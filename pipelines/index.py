@@ -71,7 +71,7 @@ def _index_lock(lake: Lake) -> Iterator[None]:
 
 
 def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> dict[str, Any]:
-    """Make the index of the lake's current snapshot (no-op if it exists, unless ``force``); returns its meta."""
+    """Make the index of the lake's current snapshot (no-op if it exists; ``force``: again, from scratch); its meta."""
     from usearch.index import Index
 
     lake = Lake(config.lake)
@@ -83,6 +83,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         prev_meta = json.loads((prev / "meta.json").read_text()) if prev else None
         if prev_meta and prev_meta["snapshot"] == manifest.snapshot and not force:
             return prev_meta
+        keep = prev.name if prev else ""
+        if force:  # from scratch: a new whitening, every image augmented again, new graphs
+            prev, prev_meta = None, None
         t0 = time.perf_counter()
         conn = lake.connect(manifest)
         dim, bins = int(manifest.model["dim"]), manifest.bins
@@ -150,7 +153,7 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         atomic_write_bytes(index_root(lake) / "CURRENT", out.name.encode())
-        _drop_old(index_root(lake), keep={out.name, prev.name if prev else ""})
+        _drop_old(index_root(lake), keep={out.name, keep})
         if log:
             log(f"imgrec: index of snapshot {manifest.snapshot} ({len(ids)} images) built in "
                 f"{meta['build_seconds']['total']:.1f}s")
