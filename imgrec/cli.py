@@ -21,7 +21,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest
 
     cfg = _config(args, model=args.model, workers=args.workers, batch_size=args.batch_size, device=args.device,
-                  commit_every=args.commit_every)
+                  commit_every=args.commit_every, embed_threads=args.embed_threads)
     if args.progress_json:  # machine-readable progress on stdout (the app's background ingestion reads it)
         on_progress, log = _json_progress()
         report = ingest(args.roots, cfg, progress=False, on_progress=on_progress, log=log,
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, help="decoding processes (default: number of cores, at most 4)")
     sp.add_argument("--batch-size", type=int, help="embedding batch size (default 32)")
     sp.add_argument("--device", help="auto, cpu or cuda")
+    sp.add_argument("--embed-threads", type=int,
+                    help="torch threads for the CPU embedding (default 0: chosen from what the workers leave)")
     sp.add_argument("--commit-every", type=int, help="images per atomic commit (default 512)")
     sp.add_argument("--no-index", action="store_true", help="do not rebuild the search index at the end")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,15 +12,22 @@ and ``meta.json`` (snapshot, model, embedding space, random-pair baselines).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from imgrec.lake import Lake
+
+if TYPE_CHECKING:
+    from imgrec.mih import RadiusIndex
+
+RADIUS_INDEX_MIN = 50_000  # smaller lakes scan every hash for near-duplicates (under 0.2 ms)
+RADIUS_INDEX_AFTER = 3  # built (in the background) once this many searches asked for it: never for a one-off search
 
 
 class StaleIndex(RuntimeError):
@@ -48,6 +55,8 @@ class IndexSet:
     embeddings: NDArray[np.float16]
     color: NDArray[np.float32]
     hashes: NDArray[np.uint64]
+    _radius: dict[tuple[int, int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _radius_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def snapshot(self) -> int:
@@ -98,12 +107,50 @@ class IndexSet:
         return pa.ipc.open_file(pa.memory_map(str(self.path / "rows.arrow"))).read_all()
 
     @cached_property
+    def hash_columns(self) -> NDArray[np.uint64]:
+        """The hashes in column-major order (a copy in memory): a scan reads each 64-bit word contiguously, twice
+        as fast as through the row-major file."""
+        return np.asfortranarray(self.hashes)
+
+    @cached_property
     def embedding_hnsw(self) -> Any:
         return _restore(self.path / "embedding.usearch")
 
     @cached_property
     def color_hnsw(self) -> Any:
         return _restore(self.path / "color.usearch")
+
+    def radius_index(self, cols: slice, radius: int, *, now: bool = False, wait: bool = False
+                     ) -> RadiusIndex | None:
+        """The multi-index hashing table of the hash words ``cols`` for radius queries (``imgrec.mih``), or None
+        where a scan is to be used: lakes under RADIUS_INDEX_MIN images, and until the table is built. It is built
+        in a background thread once asked for RADIUS_INDEX_AFTER times (``now``: at once), so that a one-off search
+        (the CLI) never pays for it (0.5 s at 400,000 images) and a serving process soon has it. ``wait``: build it
+        in this thread if it is not there (the benchmark measures a warm engine)."""
+        if self.size < RADIUS_INDEX_MIN:
+            return None
+        from imgrec.mih import RadiusIndex
+
+        key = (cols.start, cols.stop, int(radius))
+        with self._radius_lock:
+            got = self._radius.get(key, 0)
+            if isinstance(got, RadiusIndex) or (got is None and not wait):  # built, or being built (None)
+                return got
+            if isinstance(got, int) and got + 1 < RADIUS_INDEX_AFTER and not (now or wait):
+                self._radius[key] = got + 1
+                return None
+            self._radius[key] = None
+
+        def build() -> RadiusIndex:
+            table = RadiusIndex.build(np.asarray(self.hashes)[:, cols], radius)
+            with self._radius_lock:
+                self._radius[key] = table
+            return table
+
+        if wait:
+            return build()
+        threading.Thread(target=build, name="imgrec-radius-index", daemon=True).start()
+        return None
 
     def rows(self, image_ids: NDArray[np.int64] | list[int]) -> NDArray[np.int64]:
         """Row positions of image ids (KeyError for ids not in this snapshot)."""

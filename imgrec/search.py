@@ -227,8 +227,18 @@ class Engine:
                 self._embedder = emb
             return self._embedder
 
+    def prepare(self, wait: bool = False) -> None:
+        """Build what a mix search over a large lake uses beside the index files (the near-duplicate table of the
+        default hash distance): in the background, or at once with ``wait``."""
+        if self.index is not None and "hash" in self.config.weights:
+            cols = _hash_cols(DISTANCES["hash"][0])
+            self.index.radius_index(cols, self.config.near_duplicate_bits * (cols.stop - cols.start) // 2, now=True,
+                                    wait=wait)
+
     def warm_up(self) -> threading.Thread | None:
-        """Load the model in a background thread, so that the first upload search does not wait for it."""
+        """Load the model in a background thread, so that the first upload search does not wait for it (and start
+        building the near-duplicate table that mix searches use on large lakes)."""
+        self.prepare()
         if self.index is None or self._embedder is not None:
             return None
 
@@ -375,7 +385,7 @@ class Engine:
         all_feats = self.features(qs + negs, need_emb, timer)
         feats, neg_feats = all_feats[: len(qs)], all_feats[len(qs):]
         if need_emb and self.config.expand_k > 0 and (expand if expand is not None else self.expands):
-            feats = [self._expand(idx, f) for f in feats]
+            feats = self._expand(idx, feats)
             all_feats = feats + neg_feats
             timer.lap("expand")
 
@@ -389,11 +399,11 @@ class Engine:
         if allowed is not None and allowed.size <= self.config.exact_filter_limit:
             pool = allowed
         else:
-            found = [self._candidates(idx, m, f, per_query, dists[m], near_only=measure == "mix")
-                     for f in feats for m in measures]
+            found = [rows for m in measures
+                     for rows in self._candidates(idx, m, feats, per_query, dists[m], near_only=measure == "mix")]
             if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
                 mid = _centroid(feats)
-                found += [self._candidates(idx, m, mid, 2 * per_query, dists[m])  # (mix: hashes find copies only)
+                found += [self._candidates(idx, m, [mid], 2 * per_query, dists[m])[0]  # (mix: hashes: copies only)
                           for m in measures if (m != "embedding" or mid.emb is not None) and m != "hash" or
                           measure == "hash"]
             pool = np.unique(np.concatenate(found))
@@ -485,18 +495,24 @@ class Engine:
         """Whether embedding queries are expanded by default: where the lake's embedding space is tuned."""
         return bool(self.index is not None and self.index.meta.get("space", {}).get("whitened"))
 
-    def _expand(self, idx: IndexSet, f: QueryFeatures) -> QueryFeatures:
-        """Alpha query expansion of one query image's embedding with its nearest images (itself left out)."""
-        if f.emb is None:
-            return f
+    def _expand(self, idx: IndexSet, feats: list[QueryFeatures]) -> list[QueryFeatures]:
+        """Alpha query expansion of each query image's embedding with its nearest images (itself left out)."""
         k = self.config.expand_k
-        rows = self._candidates(idx, "embedding", f, k + 1, "cosine")
-        if f.image_id is not None:
-            rows = rows[idx.ids[rows] != f.image_id]
-        X = np.asarray(idx.embeddings[rows], dtype=np.float32)
-        s = X @ f.emb
-        top = np.argsort(-s, kind="stable")[:k]
-        return replace(f, emb=sim.expand_query(f.emb, X[top], s[top], self.config.expand_alpha))
+        todo = [f for f in feats if f.emb is not None]
+        near = iter(self._candidates(idx, "embedding", todo, k + 1, "cosine", ef=self.config.expand_ef) if todo else [])
+        out = []
+        for f in feats:
+            if f.emb is None:
+                out.append(f)
+                continue
+            rows = next(near)
+            if f.image_id is not None:
+                rows = rows[idx.ids[rows] != f.image_id]
+            X = np.asarray(idx.embeddings[rows], dtype=np.float32)
+            s = X @ f.emb
+            top = np.argsort(-s, kind="stable")[:k]
+            out.append(replace(f, emb=sim.expand_query(f.emb, X[top], s[top], self.config.expand_alpha)))
+        return out
 
     def _require_index(self) -> IndexSet:
         if self.index is None or self.index.size == 0:
@@ -504,35 +520,52 @@ class Engine:
                             f"--lake {self.lake.root}")
         return self.index
 
-    def _candidates(self, idx: IndexSet, measure: str, f: QueryFeatures, count: int, distance: str,
-                    near_only: bool = False) -> NDArray[np.int64]:
-        """Rows of the best ``count`` images for one query image under one measure, over the whole collection.
+    def _candidates(self, idx: IndexSet, measure: str, feats: Sequence[QueryFeatures], count: int, distance: str,
+                    near_only: bool = False, ef: int | None = None) -> list[NDArray[np.int64]]:
+        """Per query image, the rows of its best ``count`` images under one measure, over the whole collection.
 
+        The graph searches of all query images run as one batch, on ``Config.search_threads`` threads.
         ``near_only`` (mix, where the hash is near-duplicate evidence only): the hash's candidates are only the
         images within ``near_duplicate_bits`` (usually none or a few), which keeps the pooled candidates small.
+        ``ef``: the graph search's breadth (default ``Config.hnsw_expansion_search``; at least ``count``).
         """
         count = min(count, idx.size)
         if measure == "hash":
-            cols = _hash_cols(distance)
-            d = sim.hamming_distance(f.hashes[cols], idx.hashes[:, cols])
-            if near_only:
-                close = np.flatnonzero(d <= self.config.near_duplicate_bits * (cols.stop - cols.start) // 2)
-                if close.size > count:
-                    close = close[np.argpartition(d[close], count - 1)[:count]]
-                return close.astype(np.int64)
-            if count >= d.size:
-                return np.arange(d.size, dtype=np.int64)
-            return np.argpartition(d, count - 1)[:count].astype(np.int64)
+            return [self._hash_candidates(idx, f, count, distance, near_only) for f in feats]
         if measure == "color":
-            hnsw, vec = idx.color_hnsw, np.sqrt(f.hist.astype(np.float32))
+            hnsw, X = idx.color_hnsw, np.sqrt(np.stack([f.hist for f in feats]).astype(np.float32))
             count = min(idx.size, count * (1 if distance == "hellinger" else 4))
         else:
-            hnsw, vec = idx.embedding_hnsw, f.emb.astype(np.float32)
+            hnsw, X = idx.embedding_hnsw, np.stack([f.emb for f in feats]).astype(np.float32)
+        threads = min(len(feats), self.config.search_threads or os.cpu_count() or 1)
         with self._hnsw_lock:  # expansion_search is a property of the shared graph: set and search together
-            hnsw.expansion_search = max(self.config.hnsw_expansion_search, count)
-            matches = hnsw.search(vec, count)
-        keys = np.asarray(matches.keys, dtype=np.int64)[: len(matches)]
-        return idx.rows(keys)
+            hnsw.expansion_search = max(ef or self.config.hnsw_expansion_search, count)
+            matches = hnsw.search(X, count, threads=threads)
+        if not hasattr(matches, "counts"):  # one query vector: usearch answers with a single Matches
+            return [idx.rows(np.asarray(matches.keys, dtype=np.int64)[: len(matches)])]
+        keys = np.asarray(matches.keys, dtype=np.int64)
+        return [idx.rows(keys[i, : c]) for i, c in enumerate(np.asarray(matches.counts))]
+
+    def _hash_candidates(self, idx: IndexSet, f: QueryFeatures, count: int, distance: str, near_only: bool
+                         ) -> NDArray[np.int64]:
+        """One query image's hash candidates: a Hamming scan, or the near-duplicate radius table (near_only)."""
+        cols = _hash_cols(distance)
+        if near_only:
+            radius = self.config.near_duplicate_bits * (cols.stop - cols.start) // 2
+            table = idx.radius_index(cols, radius)
+            if table is not None:  # multi-index hashing: the same rows as the scan below, 5x faster at 400k
+                close, dc = table.query(f.hashes[cols])
+            else:
+                d = sim.hamming_distance(f.hashes[cols], idx.hash_columns[:, cols])
+                close = np.flatnonzero(d <= radius)
+                dc = d[close]
+            if close.size > count:
+                close = close[np.argpartition(dc, count - 1)[:count]]
+            return close.astype(np.int64)
+        d = sim.hamming_distance(f.hashes[cols], idx.hash_columns[:, cols])
+        if count >= d.size:
+            return np.arange(d.size, dtype=np.int64)
+        return np.argpartition(d, count - 1)[:count].astype(np.int64)
 
     @staticmethod
     def _similarities(idx: IndexSet, measure: str, distance: str, feats: Sequence[QueryFeatures],

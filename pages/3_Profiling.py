@@ -226,6 +226,33 @@ def ingestion_section(status: ui.LakeStatus) -> None:
         st.dataframe(list(reversed(table)), hide_index=True, width="stretch")
 
 
+def bench_section() -> None:
+    from imgrec.bench import report as bench
+
+    st.header("Benchmarks")
+    reports = bench.list_reports()
+    if not reports:
+        st.info(f"No benchmark report in {bench.reports_dir()}: run `imgrec bench --quick` (a few minutes) or "
+                "`imgrec bench --sizes 400k` to make one.")
+        return
+    st.caption("Reports of `imgrec bench` (synthetic collections made from real features, the same stage timings "
+               "as above, exact brute force beside each figure), judged against the targets at 400,000 images. "
+               "`docs/performance.md` discusses them.")
+    names = [f"{p.stem} · {str(r.get('started_at', '?'))[:16]} · load {r['machine'].get('load_start', '?')}"
+             for p, r in reports]
+    pick = st.selectbox("Report", range(len(reports)), format_func=names.__getitem__, key="prof_bench")
+    path, report = reports[pick]
+    m = report["machine"]
+    st.markdown(f"{m.get('cpus')} CPU cores ({m.get('cpu', '?')}), {m.get('memory_gb', '?')} GB, "
+                f"{m.get('accelerator', 'no GPU')} · commit {m.get('commit', '?')} · {report.get('seconds', '?')} s")
+    targets = report.get("targets") or bench.evaluate_targets(report)
+    st.dataframe([{"figure": t["figure"], "measured": t["value"], "target": f"{t['op']} {t['target']:g} {t['unit']}",
+                   "N": t["n"], "status": t["status"], "note": t["where"]} for t in targets],
+                 hide_index=True, width="stretch")
+    with st.expander(f"The whole report ({path.name})", expanded=False):
+        st.markdown(bench.markdown(report))
+
+
 # --- (d) one query under the profiler ---------------------------------------------------------------------------------
 
 
@@ -308,3 +335,5 @@ st.divider()
 ingestion_section(status)
 st.divider()
 profile_section(status)
+st.divider()
+bench_section()

@@ -99,7 +99,9 @@ def _init_pool_worker(*args: Any) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    *args, finished = args
     _init_worker(*args)
+    _W["finished"] = finished  # a shared count of the files this pool has handled (the main process reads it)
 
 
 def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_pixels: int,
@@ -110,6 +112,16 @@ def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_p
 
 def _work(task: Task, reuse: bool = True) -> tuple[Task, str, HandFeatures | None, str | None, float]:
     """Read and extract one file: (task, content hash, features or None, error reason or None, read seconds)."""
+    try:
+        return _read_and_extract(task, reuse)
+    finally:
+        finished = _W.get("finished")
+        if finished is not None:
+            with finished.get_lock():
+                finished.value += 1
+
+
+def _read_and_extract(task: Task, reuse: bool) -> tuple[Task, str, HandFeatures | None, str | None, float]:
     t0 = time.perf_counter()
     try:  # never blocks on a FIFO put in the file's place; refuses a file that changes while it is read
         data, st = read_file(task.path, _W.get("max_bytes"))
@@ -269,13 +281,18 @@ def ingest(
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
         stop = stop or threading.Event()
+        _init_worker(*init_args)  # also with a pool: handle() extracts a relinked file's twin here
         with _stop_on_signals(stop, log), contextlib.ExitStack() as cleanup:
             if workers > 1:
-                pool = mp.get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=init_args)
+                ctx = mp.get_context("fork")
+                finished = ctx.Value("l", 0)
+                pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(*init_args, finished))
                 cleanup.callback(_close_pool, pool)
+                state.threads = _EmbedThreads(_cores(), workers, config.embed_threads or None,
+                                              lambda: finished.value >= len(tasks))
                 results = pool.imap(_work, tasks, chunksize=4)
             else:
-                _init_worker(*init_args)
+                state.threads = _EmbedThreads(_cores(), 1, config.embed_threads or None, lambda: True)
                 results = map(_work, tasks)
             state.ensure_lake()
             bar = _bar(len(tasks), progress)
@@ -343,6 +360,70 @@ def _stop_on_signals(stop: threading.Event, log: Callable[[str], None]) -> Itera
             signal.signal(sig, h)
 
 
+class _EmbedThreads:
+    """torch's thread count for each CPU embedding batch in the main process, from measured milliseconds per image.
+
+    While decoding workers run, the embedding gets the cores they leave (at least 1): with 2 workers on 2 cores, a
+    second torch thread would wait at every layer for a core a worker holds. Where nothing of this run competes (no
+    pool, or all its files done), 1 thread and every core are both tried and the faster kept, the other re-tried every
+    ``PROBE_EVERY`` batches: on an idle machine 2 threads embed about 1.8x faster than 1, but where other processes
+    share the cores they can be many times slower (each op waits for the second thread to get a core back; 25x at
+    batch 2 with one other busy process on 2 cores). ``fixed`` (Config.embed_threads) turns the choice off. torch's own
+    count is restored after each batch.
+    """
+
+    PROBE_EVERY = 8
+
+    def __init__(self, cores: int, workers: int, fixed: int | None, workers_done: Callable[[], bool]) -> None:
+        self.busy = [fixed or max(1, cores - workers)] if workers > 1 else []
+        self.free = [fixed] if fixed else sorted({1, max(1, cores)})
+        self.workers_done = workers_done
+        self.ms: dict[int, float] = {}  # thread count -> smoothed ms per image in the current phase
+        self.phase_busy = bool(self.busy)
+        self.batches = 0
+
+    @contextlib.contextmanager
+    def batch(self, images: int) -> Iterator[None]:
+        import torch
+
+        saved, n = torch.get_num_threads(), self._pick()
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
+        self._measured(n, time.perf_counter() - t0, images)
+
+    def _pick(self) -> int:
+        if self.phase_busy and self.workers_done():
+            self.phase_busy = False
+            self.ms.clear()  # measured while sharing the cores with the workers: not comparable
+        options = self.busy if self.phase_busy else self.free
+        untried = [n for n in options if n not in self.ms]
+        if untried:
+            return untried[0]
+        if self.batches % self.PROBE_EVERY == 0:
+            return max(options, key=self.ms.__getitem__)  # the slower one, in case the machine's load has changed
+        return min(options, key=self.ms.__getitem__)
+
+    def _measured(self, n: int, seconds: float, images: int) -> None:
+        self.batches += 1
+        if self.batches == 1 or images < 4:  # the first batch also pays oneDNN's one-off set-up; tiny ones are noise
+            return
+        ms = seconds * 1000 / images
+        old = self.ms.get(n)
+        self.ms[n] = ms if old is None else (old + ms) / 2
+
+
+def _cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _close_pool(pool: Any) -> None:
     pool.terminate()
     pool.join()
@@ -367,12 +448,14 @@ class _Runner:
         self.relinked_ids: set[int] = set()
         self.device = "cpu"
         self.committed = False
+        self.threads: _EmbedThreads | None = None  # None: torch's own thread count
 
     def _embedder(self) -> Any:
         if self.embedder is None:
-            from imgrec.features.embed import Embedder
+            from imgrec.features.embed import Embedder, retain_freed_memory
 
             t0 = time.perf_counter()
+            retain_freed_memory()  # batches' activations reuse freed memory instead of page-faulting fresh mappings
             self.embedder = Embedder(self.config.model, self.config.device)
             self.device = self.embedder.device
             self.stages["model_load"] += time.perf_counter() - t0
@@ -449,7 +532,11 @@ class _Runner:
 
         t0 = time.perf_counter()
         ids = [i for i, _ in b.crops]
-        emb, top_i, top_p = self._embedder().embed(np.stack([c for _, c in b.crops]))
+        crops = np.stack([c for _, c in b.crops])
+        embedder = self._embedder()
+        cpu_threads = self.threads is not None and self.device == "cpu"
+        with self.threads.batch(len(ids)) if cpu_threads else contextlib.nullcontext():  # type: ignore[union-attr]
+            emb, top_i, top_p = embedder.embed(crops)
         names = imagenet_labels()
         for j, image_id in enumerate(ids):
             b.add("embeddings", {"image_id": image_id, "vector": emb[j]})

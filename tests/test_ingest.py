@@ -219,7 +219,10 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
     """SIGKILL an `imgrec ingest` 20 times at random points (half at random times after the start: imports, scan,
     model load; half shortly after the run's first commit: mid-batch, mid-commit, compaction, index build), resuming
     each time, while a reader keeps opening the lake: the final lake and index equal those of one uninterrupted
-    run, what was committed before a kill keeps its id, and the reader never fails."""
+    run, what was committed before a kill keeps its id, and the reader never fails.
+
+    A run that finishes before its kill is followed by new photos (in a folder that sorts last, so one uninterrupted
+    run over the final folder numbers them the same way): every run has work to be killed in, however fast it is."""
     import random
 
     root = tmp_path / "photos"
@@ -232,10 +235,10 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
     stop, errors, reads = threading.Event(), [], []
     reader = threading.Thread(target=_read_everything, args=(killed, stop, errors, reads))
     reader.start()
-    kills, completed, kept_checks = 0, 0, 0
+    kills, completed, kept_checks, photos = 0, 0, 0, 24
     t0 = time.perf_counter()
     try:
-        while kills < KILLS:
+        while kills < KILLS and kills + completed < 3 * KILLS and time.perf_counter() - t0 < 900:
             before = current(killed) if Lake(killed).exists else {}
             snap = Lake(killed).snapshot()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -258,7 +261,12 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
             for rel, (image_id, chash) in before.items():  # what was committed before is never lost or renumbered
                 assert after[rel] == (image_id, chash)
                 kept_checks += 1
+            if proc.returncode == 0:  # it finished: new photos for the next run to be killed in
+                for i in range(photos, photos + 8):
+                    save(synthetic_image(i), root / "z_more" / f"img_{i:03d}{('.jpg', '.png', '.webp')[i % 3]}")
+                photos += 8
         kill_seconds = time.perf_counter() - t0
+        assert kills >= KILLS, f"only {kills} kills in {kills + completed} runs ({kill_seconds:.0f} s)"
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         stop.set()
@@ -267,7 +275,7 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
     resumed, reference = _lake_state(killed), _lake_state(clean)
     for key in ("images", "skipped", "hashes", "thumbnails", "labels"):
         assert resumed[key] == reference[key], key  # same ids, rows, bytes; nothing lost, nothing twice
-    assert len(resumed["images"]) == 24 and resumed["skipped"][0][0] == "broken.jpg"
+    assert len(resumed["images"]) == photos and resumed["skipped"][0][0] == "broken.jpg"
     assert resumed["color"].equals(reference["color"])
     a, b = (np.stack(x["embeddings"]["vector"].to_list()) for x in (resumed, reference))
     assert np.allclose(a, b, atol=1e-5)  # the same images embedded in other batches
@@ -276,32 +284,31 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
         assert x.shape == y.shape and np.allclose(x, y, atol=1e-3)
     assert not errors, errors[:5]
     assert len(reads) > 20
-    print(f"\n{kills} kills survived ({completed} runs finished before their kill), {len(set(reads))} snapshots "
-          f"read {len(reads)} times by the reader, {kept_checks} committed images checked after kills, "
-          f"{kill_seconds:.1f} s")
+    print(f"\n{kills} kills survived ({completed} runs finished before their kill, {photos} photos in the end), "
+          f"{len(set(reads))} snapshots read {len(reads)} times by the reader, {kept_checks} committed images checked "
+          f"after kills, {kill_seconds:.1f} s")
 
 
 def test_ctrl_c_commits_what_is_finished_and_the_rerun_completes(tmp_path: Path) -> None:
     root, lake = tmp_path / "photos", tmp_path / "lake"
-    make_collection(root, 40)
+    make_collection(root, 64)
     cmd = [sys.executable, "-m", "imgrec.cli", "ingest", str(root), "--lake", str(lake), "--workers", "2",
-           "--batch-size", "2", "--json"]
+           "--batch-size", "2", "--commit-every", "4", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and Lake(lake).snapshot() < 0:  # the lake exists once the model is loaded
-        time.sleep(0.05)
-    time.sleep(1.0)
+    while time.time() < deadline and Lake(lake).snapshot() < 1 and proc.poll() is None:  # the first commit
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     report = json.loads(out)
-    assert report["interrupted"] and 0 < report["processed"] < 40
+    assert report["interrupted"] and 0 < report["processed"] < 64
     assert len(current(lake)) == report["processed"]  # everything handled was committed
     rerun = ingest([root], Config.load(lake, workers=1), progress=False)
-    assert rerun.processed == 40 - report["processed"] and not rerun.interrupted
-    assert len(current(lake)) == 40
+    assert rerun.processed == 64 - report["processed"] and not rerun.interrupted
+    assert len(current(lake)) == 64
 
 
 def test_stop_event_ends_a_run_cleanly(tmp_path: Path) -> None:

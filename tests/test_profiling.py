@@ -4,6 +4,7 @@ AppTest on a missing and on a filled lake."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,6 +208,9 @@ def test_page_on_a_filled_lake(lake: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert not at.exception and not at.error
     assert any("No searches yet" in i.value for i in at.info)
     assert any(h.value == "Ingestion" for h in at.header)
+    assert any(h.value == "Benchmarks" for h in at.header)  # the committed reports of docs/bench
+    targets = next(d for d in at.dataframe if "status" in d.value.columns).value
+    assert "index build" in set(targets["figure"]) and set(targets["status"]) <= {"pass", "FAIL", "n/a"}
     before = _charts(at)  # the cold start of this process and the ingestion charts
     assert before >= 2
 
@@ -243,3 +247,15 @@ def test_page_on_a_filled_lake(lake: Path, monkeypatch: pytest.MonkeyPatch) -> N
     at.run()
     _button(at, "Profile one query").click().run()
     assert not at.exception and any("upload an image first" in e.value for e in at.error)
+
+
+def test_bench_reports_are_listed_newest_first(tmp_path: Path) -> None:
+    from imgrec.bench import report as bench
+
+    for name, started in (("old", "2026-01-01T10:00"), ("new", "2026-02-01T10:00")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"mode": "quick", "machine": {"cpus": 2},
+                                                           "started_at": started}))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"something": "else"}))
+    assert [p.stem for p, _ in bench.list_reports(tmp_path)] == ["new", "old"]
+    assert bench.list_reports(tmp_path / "absent") == []

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from imgrec.config import MEASURES
+
+REPORTS_ENV = "IMGREC_BENCH_REPORTS"
 
 TARGET_N = 400_000  # the targets are stated for a collection of this size
 
@@ -78,6 +81,24 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if r["n"] is not None and r["n"] != TARGET_N:
             r["where"] = (r["where"] + "; " if r["where"] else "") + f"measured at N={r['n']:,}, target for 400,000"
     return rows
+
+
+def reports_dir() -> Path:
+    """Where the app looks for bench reports: ``$IMGREC_BENCH_REPORTS``, else the project's ``docs/bench``."""
+    return Path(os.environ.get(REPORTS_ENV) or Path(__file__).resolve().parents[2] / "docs" / "bench")
+
+
+def list_reports(folder: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """The readable bench reports (``*.json``) of ``folder``, newest run first; unreadable files are left out."""
+    found = []
+    for path in sorted((folder or reports_dir()).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "machine" in data and "mode" in data:
+            found.append((path, data))
+    return sorted(found, key=lambda pd: str(pd[1].get("started_at", "")), reverse=True)
 
 
 def write(report: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:

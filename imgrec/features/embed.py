@@ -81,6 +81,30 @@ def imagenet_labels() -> tuple[str, ...]:
     return tuple(_IMAGENET_CATEGORIES)
 
 
+def retain_freed_memory(limit: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep and reuse freed blocks up to ``limit`` bytes instead of returning them to the kernel.
+
+    A batch's activations (up to 150 MB each at batch 32) are above malloc's mmap threshold, so by default every one
+    is a fresh mapping whose pages the kernel faults in and zeroes, and is unmapped when freed: a quarter to a third
+    of the CPU time of embedding went to that (benchmarks/embed_cpu.py, malloc default vs retain). Meant for batch
+    processes such as ingestion (the process keeps its peak heap); returns False where the C library has no
+    ``mallopt`` (not glibc) or refuses the setting.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, ctypes.c_int(limit)) and mallopt(m_trim_threshold, ctypes.c_int(limit)))
+
+
 def pick_device(device: str = "auto") -> str:
     import torch
 
@@ -100,10 +124,16 @@ class Embedder:
         self.device = pick_device(device)
         self.backbone, self.head, weights_path = _load(self.spec)
         self.checksum = file_checksum(weights_path)
-        self.backbone.eval().to(self.device)
+        self.backbone.eval()
+        if self.spec.family == "efficientnet-lite":  # the same function in fewer, in-place ops (benchmarks/embed_cpu.py)
+            self.backbone = _relu6_inplace(_fold_same_padding(_fuse_conv_bn(self.backbone)))
+        if self.device == "cpu":  # oneDNN's convolutions run fastest on NHWC activations (the crops' own layout)
+            self.backbone.to(memory_format=torch.channels_last)
+        self.backbone.to(self.device)
         self.head.eval().to(self.device)
         self._mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * self._std), -self._mean / self._std  # (x/255 - mean)/std in one op
 
     @property
     def dim(self) -> int:
@@ -115,7 +145,7 @@ class Embedder:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+            x = torch.addcmul(self._shift, x.permute(0, 3, 1, 2).float(), self._scale)  # NCHW view of NHWC data
             feats = self.backbone(x)
             probs = torch.softmax(self.head(feats), dim=1)
             top_p, top_i = probs.topk(5, dim=1)
@@ -160,6 +190,88 @@ def _load_efficientnet_lite(s: ModelSpec) -> tuple[Any, Any, Path]:
             return self.net.extract_features(x).mean((2, 3))
 
     return Backbone(model), model._fc, weights
+
+
+_CONV_BN = {  # EfficientNet(-Lite) modules: the conv each batch norm follows
+    "EfficientNet": (("_conv_stem", "_bn0"), ("_conv_head", "_bn1")),
+    "MBConvBlock": (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")),
+}
+
+
+def _fuse_conv_bn(net: Any) -> Any:
+    """Fold every eval-mode batch norm into the conv before it (the conv gets the bias): one op instead of two."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in list(net.modules()):
+        for conv_name, bn_name in _CONV_BN.get(type(module).__name__, ()):
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+                setattr(module, bn_name, torch.nn.Identity())
+    return net
+
+
+def _fold_same_padding(net: Any, asymmetric: bool = True) -> Any:
+    """Do TF-style "same" padding (a ZeroPad2d before a conv) without writing a padded copy of the activation.
+
+    A symmetric pad becomes the conv's own zero padding. An asymmetric one (the stride-2 convs: one more row and column
+    at the bottom and right) becomes a symmetric padding of (top + stride, left + stride) and the first output row and
+    column dropped (``asymmetric``): the same windows over the same zeros, for one extra row and column of output.
+    Call after ``_fuse_conv_bn``, which needs the convs themselves.
+    """
+    import torch
+
+    for parent in list(net.modules()):
+        for name, conv in list(parent.named_children()):
+            pad = getattr(conv, "static_padding", None)
+            if not isinstance(conv, torch.nn.Conv2d) or not isinstance(pad, torch.nn.ZeroPad2d) \
+                    or tuple(conv.padding) != (0, 0):
+                continue
+            left, right, top, bottom = pad.padding
+            sh, sw = conv.stride
+            if left == right and top == bottom:
+                conv.padding = (top, left)
+                conv.static_padding = torch.nn.Identity()
+            elif asymmetric and left <= right <= left + sw and top <= bottom <= top + sh:
+                conv.padding = (top + sh, left + sw)
+                conv.static_padding = torch.nn.Identity()
+                setattr(parent, name, _first_dropped()(conv, (left, right, top, bottom)))
+    return net
+
+
+@cache
+def _first_dropped() -> type:
+    import torch
+
+    class FirstDropped(torch.nn.Module):
+        """A conv padded ``stride`` more on every side, less its first output row and column: the output of the
+        same conv after an asymmetric ZeroPad2d ``pads`` (see _fold_same_padding)."""
+
+        def __init__(self, conv: torch.nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
+            super().__init__()
+            self.conv = conv
+            self.pads = pads
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            left, right, top, bottom = self.pads
+            (kh, kw), (sh, sw) = self.conv.kernel_size, self.conv.stride
+            oh = (x.shape[-2] + top + bottom - kh) // sh + 1
+            ow = (x.shape[-1] + left + right - kw) // sw + 1
+            return self.conv(x)[:, :, 1:1 + oh, 1:1 + ow]
+
+    return FirstDropped
+
+
+def _relu6_inplace(net: Any) -> Any:
+    """EfficientNet-Lite's ReLU6 always follows a conv (or a folded batch norm) whose output nothing else reads:
+    clamping in place saves a full-size activation per block."""
+    import torch
+
+    for module in net.modules():
+        if isinstance(module, torch.nn.ReLU6):
+            module.inplace = True
+    return net
 
 
 def _load_torchvision(s: ModelSpec) -> tuple[Any, Any, Path]:

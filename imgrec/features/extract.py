@@ -65,7 +65,8 @@ def extract(
     hist = hsv_histogram(dec.image, bins)
     t2 = time.perf_counter()
     t["color"] = t2 - t1
-    ph, dh = phash(dec.image), dhash(dec.image)
+    grey = dec.image.convert("L")  # once for both hashes (each converts its input to L: a copy for a grey one)
+    ph, dh = phash(grey), dhash(grey)
     t3 = time.perf_counter()
     t["hash"] = t3 - t2
     thumb = thumbnail_jpeg(dec.image, thumb_size) if thumb_size else None
