@@ -34,6 +34,26 @@ def _matrix(col: pa.ChunkedArray | pa.Array, dim: int, dtype: Any) -> np.ndarray
     return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(arr), dim)
 
 
+def _raw_embeddings(conn: Any, ids: np.ndarray, dim: int, path: Path, batch: int = 65_536) -> np.ndarray:
+    """The model's vectors of the images ``ids`` (ascending), in that order, streamed from DuckDB batch by batch
+    into a float32 .npy file at ``path``, opened memory-mapped: 1M images are 5 GB on disk, a batch in memory
+    (reading them as one table held them twice, about 18 GB at 1M)."""
+    if len(ids) == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(ids), dim))
+    seen = np.zeros(len(ids), dtype=bool)
+    reader = conn.con.sql("SELECT image_id, vector FROM embeddings WHERE image_id IN (SELECT image_id FROM images)"
+                          ).to_arrow_reader(batch)
+    for b in reader:
+        pos = np.searchsorted(ids, b.column(0).to_numpy().astype(np.int64))
+        out[pos] = _matrix(b.column(1), dim, np.float32)
+        seen[pos] = True
+    out.flush()
+    if not seen.all():
+        raise LakeError(f"{int((~seen).sum())} images lack an embedding; the lake is inconsistent")
+    return np.load(path, mmap_mode="r")
+
+
 def baselines(emb: np.ndarray, color: np.ndarray, hashes: np.ndarray, pairs: int = 4000, seed: int = 0
               ) -> dict[str, dict[str, float]]:
     """Median similarity of random pairs of the collection, per measure and distance (the 'chance' level)."""
@@ -90,26 +110,34 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         conn = lake.connect(manifest)
         dim, bins = int(manifest.model["dim"]), manifest.bins
         tbl = conn.arrow(
-            "SELECT i.image_id, e.vector, c.hist, h.phash, h.dhash FROM images i "
+            "SELECT i.image_id, c.hist, h.phash, h.dhash FROM images i "
             "JOIN embeddings e USING (image_id) JOIN color c USING (image_id) JOIN hashes h USING (image_id) "
             "ORDER BY i.image_id")
         n_images = conn.count()
         rows = conn.arrow(
             "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label FROM images i "
             "LEFT JOIN labels l USING (image_id) ORDER BY i.image_id")
-        conn.close()
         if tbl.num_rows != n_images:
+            conn.close()
             raise LakeError(f"{n_images - tbl.num_rows} images lack features; the lake is inconsistent")
         ids = tbl.column("image_id").to_numpy().astype(np.int64)
-        emb = _matrix(tbl.column("vector"), dim, np.float32)
         color = _matrix(tbl.column("hist"), bins, np.float32)
         hashes = np.stack([tbl.column("phash").to_numpy(), tbl.column("dhash").to_numpy()], axis=1).astype(
             np.uint64) if len(ids) else np.empty((0, 2), np.uint64)
         del tbl
+        raw_path = index_root(lake) / f".raw-{manifest.snapshot:08d}.npy"
+        try:
+            raw = _raw_embeddings(conn, ids, dim, raw_path)
+        finally:
+            conn.close()
         t_read = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        space = make_space(config, emb, ids, prev, prev_meta, manifest.model, log=log)
+        try:
+            space = make_space(config, raw, ids, prev, prev_meta, manifest.model, log=log)
+        finally:
+            del raw
+            raw_path.unlink(missing_ok=True)
         emb = space.vectors
         t_space = time.perf_counter() - t1
 
