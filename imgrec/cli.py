@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--skip", action="append", choices=("search", "e2e", "cold", "ingest"),
                     help="leave out a part (repeatable)")
     sp.add_argument("--queries", type=int, help="single-image searches per measure (5-image ones: a third)")
-    sp.add_argument("--ingest-limit", type=int, help="images per ingested set (0: all; quick 60, full 2000)")
+    sp.add_argument("--ingest-limit", type=int, help="images per ingested set (0: all; quick 400, full 2000)")
     sp.add_argument("--json", action="store_true", help="print the whole report as JSON")
     sp.set_defaults(func=cmd_bench)
 

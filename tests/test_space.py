@@ -122,3 +122,28 @@ def test_a_small_lake_keeps_the_model_vectors(tmp_path: Path) -> None:
     resp = engine.search([engine.index.ids[0]], "embedding", k=3)
     assert "expand" not in resp.timings_ms
     engine.close()
+
+
+def test_raw_vectors_stream_in_image_order_without_removed_images(tmp_path: Path) -> None:
+    """The index build reads the model's vectors batch by batch into a memory-mapped file: every current image's
+    vector at its row, in image_id order, none of a deleted image, whatever the batch size."""
+    from pipelines.index import _raw_embeddings
+
+    root, lake = tmp_path / "photos", tmp_path / "lake"
+    paths = make_collection(root, 9)
+    ingest_quietly(root, lake)
+    paths[4].unlink()  # its embedding row stays in the lake's history, the image is gone
+    ingest_quietly(root, lake)
+    con = Lake(lake).connect()
+    try:
+        want = con.frame("SELECT i.image_id, e.vector FROM images i JOIN embeddings e USING (image_id) "
+                         "ORDER BY i.image_id")
+        assert con.one("SELECT count(*) FROM embeddings") > len(want) == 8
+        ids = want["image_id"].to_numpy()
+        for batch in (1, 3, 100):
+            got = _raw_embeddings(con, ids, 1280, tmp_path / f"raw-{batch}.npy", batch=batch)
+            assert np.array_equal(np.asarray(got), np.stack(want["vector"].to_list()).astype(np.float32))
+        with pytest.raises(Exception, match="lack an embedding"):
+            _raw_embeddings(con, np.append(ids, ids.max() + 100), 1280, tmp_path / "raw-missing.npy")
+    finally:
+        con.close()

@@ -29,7 +29,7 @@ from imgrec.config import MEASURES
 SECTIONS = ("search", "e2e", "cold", "ingest")
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"sizes": (10_000,), "queries1": 20, "queries5": 8, "e2e1": 5, "e2e5": 3, "cold_runs": 1,
-              "cold_stored": False, "ingest_limit": 60},
+              "cold_stored": False, "ingest_limit": 400},
     "full": {"sizes": (10_000, 100_000, 400_000, 1_000_000), "queries1": 100, "queries5": 30, "e2e1": 20, "e2e5": 10,
              "cold_runs": 3, "cold_stored": True, "ingest_limit": 2000},
 }
