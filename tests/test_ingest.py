@@ -238,7 +238,7 @@ def test_killed_ingest_resumes_without_duplicates_or_loss(tmp_path: Path) -> Non
     kills, completed, kept_checks, photos = 0, 0, 0, 24
     t0 = time.perf_counter()
     try:
-        while kills < KILLS and kills + completed < 3 * KILLS and time.perf_counter() - t0 < 900:
+        while kills < KILLS and kills + completed < 3 * KILLS and time.perf_counter() - t0 < 600:
             before = current(killed) if Lake(killed).exists else {}
             snap = Lake(killed).snapshot()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
