@@ -55,7 +55,8 @@ class IndexSet:
     embeddings: NDArray[np.float16]
     color: NDArray[np.float32]
     hashes: NDArray[np.uint64]
-    _radius: dict[tuple[int, int, int], Any] = field(default_factory=dict, init=False, repr=False)
+    _radius: dict[tuple[int, int, int], RadiusIndex | None] = field(default_factory=dict, init=False, repr=False)
+    _radius_asks: dict[tuple[int, int, int], int] = field(default_factory=dict, init=False, repr=False)
     _radius_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -133,11 +134,10 @@ class IndexSet:
 
         key = (cols.start, cols.stop, int(radius))
         with self._radius_lock:
-            got = self._radius.get(key, 0)
-            if isinstance(got, RadiusIndex) or (got is None and not wait):  # built, or being built (None)
-                return got
-            if isinstance(got, int) and got + 1 < RADIUS_INDEX_AFTER and not (now or wait):
-                self._radius[key] = got + 1
+            if key in self._radius and (self._radius[key] is not None or not wait):
+                return self._radius[key]  # built, or being built (None)
+            self._radius_asks[key] = self._radius_asks.get(key, 0) + 1
+            if self._radius_asks[key] < RADIUS_INDEX_AFTER and not (now or wait):
                 return None
             self._radius[key] = None
 

@@ -232,8 +232,7 @@ class Engine:
         default hash distance): in the background, or at once with ``wait``."""
         if self.index is not None and "hash" in self.config.weights:
             cols = _hash_cols(DISTANCES["hash"][0])
-            self.index.radius_index(cols, self.config.near_duplicate_bits * (cols.stop - cols.start) // 2, now=True,
-                                    wait=wait)
+            self.index.radius_index(cols, self._near_radius(cols), now=True, wait=wait)
 
     def warm_up(self) -> threading.Thread | None:
         """Load the model in a background thread, so that the first upload search does not wait for it (and start
@@ -546,12 +545,16 @@ class Engine:
         keys = np.asarray(matches.keys, dtype=np.int64)
         return [idx.rows(keys[i, : c]) for i, c in enumerate(np.asarray(matches.counts))]
 
+    def _near_radius(self, cols: slice) -> int:
+        """The near-duplicate radius in bits over the hash words ``cols`` (``near_duplicate_bits`` is per 128)."""
+        return self.config.near_duplicate_bits * (cols.stop - cols.start) // 2
+
     def _hash_candidates(self, idx: IndexSet, f: QueryFeatures, count: int, distance: str, near_only: bool
                          ) -> NDArray[np.int64]:
         """One query image's hash candidates: a Hamming scan, or the near-duplicate radius table (near_only)."""
         cols = _hash_cols(distance)
         if near_only:
-            radius = self.config.near_duplicate_bits * (cols.stop - cols.start) // 2
+            radius = self._near_radius(cols)
             table = idx.radius_index(cols, radius)
             if table is not None:  # multi-index hashing: the same rows as the scan below, 5x faster at 400k
                 close, dc = table.query(f.hashes[cols])

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from imgrec.bench.common import REPO, Log, digest, publish_dir, tmp_dir_for
+from imgrec.config import IMAGE_EXTENSIONS
 
 SHARED = REPO.parent / "shared" / "data"
 SOURCE_SETS = ("corel1k_wang", "oxford_flowers17")  # the default source lake: 2,360 labelled real photos
 INGEST_SETS = ("oxford_flowers17", "dogs_vs_cats_200px")  # ingestion throughput on real photos
 GENERATED = 300  # images drawn when ../shared/data is absent
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass
@@ -35,7 +35,7 @@ def shared_data() -> Path | None:
 
 def image_files(root: Path) -> list[Path]:
     """Image files below ``root`` in sorted order (what ingestion would walk)."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def count_images(lake: Path) -> int:
