@@ -31,7 +31,7 @@ from imgrec.features.embed import Embedder, spec
 from imgrec.features.extract import decode_side, extract
 files, out, model = [Path(p) for p in sys.argv[1].split(",")], sys.argv[2], sys.argv[3]
 s = spec(model)
-feats = [extract(f.read_bytes(), model=s, min_side=decode_side(256, s)) for f in files]
+feats = [extract(f.read_bytes(), model=s, min_side=decode_side(s)) for f in files]
 crops = np.stack([f.crop for f in feats])
 e = Embedder(model, "cpu")
 b32 = [e.embed(crops[i:i + 32]) for i in range(0, len(crops), 32)]

@@ -47,7 +47,7 @@ def load_crops(n: int, model_name: str) -> np.ndarray:
         sys.exit(f"no images under {DATA}/images: the shared data set is absent; nothing to measure")
     step = max(1, len(files) // n)
     s = spec(model_name)
-    return np.stack([preprocess(decode(f.read_bytes(), min_side=decode_side(256, s)).image, s)
+    return np.stack([preprocess(decode(f.read_bytes(), min_side=decode_side(s)).image, s)
                      for f in files[::step][:n]])
 
 

@@ -20,6 +20,16 @@ DISTANCES = {
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+CACHE_ENV = "IMGREC_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where imgrec keeps what it can make again (the ONNX graphs of the models, downloaded index files):
+    ``$IMGREC_CACHE``, else ``$XDG_CACHE_HOME/imgrec``, else ``~/.cache/imgrec``."""
+    chosen = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgrec"
+    return Path(chosen).expanduser()
+
+
 def resolve_lake(lake: str | os.PathLike[str] | None = None) -> Path:
     """`--lake` if given, else `$IMGREC_LAKE`, else `data/lake` (relative to the working directory)."""
     chosen = lake if lake not in (None, "") else os.environ.get(LAKE_ENV) or DEFAULT_LAKE
@@ -34,9 +44,12 @@ class Config:
     # embedding model
     model: str = "efficientnet-lite0"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    backend: str = "auto"  # what runs the model: "onnx" (ONNX Runtime, CPU), "torch", or "auto": torch on a GPU,
+    # else ONNX Runtime where installed (imgrec.features.runtime)
     batch_size: int = 32
-    query_threads: int = 1  # torch threads for embedding query images on the CPU (0: torch's default, every core):
-    # with the cores busy elsewhere, torch's spinning threads made one upload take 950 ms instead of 15-20 ms
+    query_threads: int = 0  # CPU threads for embedding query images (0: every core; ONNX Runtime's threads do not
+    # spin, so busy cores cost no more than their share; torch's spinning threads made one upload take 950 ms instead
+    # of 15-20 ms there, so torch gets 1 thread for 0)
     # ingestion
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     embed_threads: int = 0  # torch threads for embedding at ingestion on the CPU (0: the cores the decoding
@@ -46,6 +59,7 @@ class Config:
     max_pixels: int = 180_000_000  # larger declared images are refused (decompression bombs)
     max_upload_bytes: int = 50 * 1024 * 1024
     max_file_bytes: int = 1024**3  # larger files are not read at ingestion (a video or disk image named .jpg)
+    file_timeout_s: float = 300.0  # a worker process decoding one file longer than this is stopped and replaced
     # colour histogram: HSV bins (hue, saturation, value)
     color_bins: tuple[int, int, int] = (8, 4, 4)
     # embedding space, made at index time (tuned on Corel-1k and Flowers-17: docs/relevance.md)

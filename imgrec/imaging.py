@@ -125,6 +125,13 @@ def read_file(path: str | os.PathLike[str], max_bytes: int | None = None, *, ins
     return data, after
 
 
+def fit_within(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """``size`` scaled to at most ``side`` px on its longer side (aspect kept, at least 1 px)."""
+    w, h = size
+    scale = side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def thumbnail_jpeg(img: Image.Image, size: int = 256, quality: int = 82) -> bytes:
     """A JPEG of at most ``size`` px on its longer side, for the UI."""
     thumb = img.copy()

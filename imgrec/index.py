@@ -34,6 +34,14 @@ class StaleIndex(RuntimeError):
     """The index on disk does not cover the lake's current snapshot (or there is none)."""
 
 
+def path_keys(paths: list[str]) -> NDArray[np.uint64]:
+    """64-bit keys of file paths (BLAKE2b), for ``IndexSet.find_paths``."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                                    "little") for p in paths], dtype=np.uint64)
+
+
 def index_root(lake: Lake) -> Path:
     return lake.root / "indexes"
 
@@ -106,6 +114,31 @@ class IndexSet:
         import pyarrow as pa
 
         return pa.ipc.open_file(pa.memory_map(str(self.path / "rows.arrow"))).read_all()
+
+    @cached_property
+    def _path_table(self) -> tuple[NDArray[np.uint64], NDArray[np.int64]] | None:
+        if not (self.path / "path_keys.npy").is_file():
+            return None
+        return np.load(self.path / "path_keys.npy", mmap_mode="r"), np.load(self.path / "path_rows.npy", mmap_mode="r")
+
+    def find_paths(self, paths: list[str]) -> dict[str, dict[str, Any]] | None:
+        """For each path that is an image of this snapshot: its row's image_id, size_bytes and mtime_ns (from the
+        index, no DuckDB); None for an index written before it had the path table."""
+        table, meta = self._path_table, self.metadata
+        if table is None or meta is None or "mtime_ns" not in meta.column_names:
+            return None
+        keys, rows = table
+        out = {}
+        for path, key in zip(paths, path_keys(paths), strict=True):
+            lo = int(np.searchsorted(keys, key))
+            while lo < len(keys) and keys[lo] == key:  # a 64-bit key collision is checked on the path itself
+                row = int(rows[lo])
+                if meta.column("path")[row].as_py() == path:
+                    out[path] = {"row": row, **{c: meta.column(c)[row].as_py()
+                                                for c in ("image_id", "size_bytes", "mtime_ns")}}
+                    break
+                lo += 1
+        return out
 
     @cached_property
     def hash_columns(self) -> NDArray[np.uint64]:

@@ -24,11 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
-import polars as pl
-import pyarrow as pa
+if TYPE_CHECKING:  # polars, DuckDB and pyarrow are imported where used: a search by the index needs none of them
+    import duckdb
+    import polars as pl
+    import pyarrow as pa
 
 FORMAT_VERSION = 1
 GARBAGE_GRACE_S = 600.0  # replaced parts stay this long for readers of an older snapshot
@@ -41,6 +42,8 @@ def now() -> datetime:
 
 def schemas(bins: int = 128, dim: int = 1280) -> dict[str, dict[str, pl.DataType]]:
     """The columns of every table; ``bins`` and ``dim`` are fixed when a lake is created."""
+    import polars as pl
+
     ts = pl.Datetime("us")
     return {
         "collections": {"collection": pl.Utf8, "root": pl.Utf8, "added_at": ts},
@@ -66,7 +69,8 @@ def schemas(bins: int = 128, dim: int = 1280) -> dict[str, dict[str, pl.DataType
     }
 
 
-TABLES = tuple(schemas())
+TABLES = ("collections", "images", "removed", "skipped", "color", "hashes", "embeddings", "labels", "thumbnails",
+          "runs")  # the keys of schemas()
 
 
 class LakeError(RuntimeError):
@@ -193,6 +197,8 @@ class LakeWriter:
     def create(self, model: dict[str, Any], color_bins: tuple[int, int, int], thumb_size: int) -> Manifest:
         """Start an empty lake (snapshot 0) with one empty part per table, so every view has a schema."""
         stamp = now().isoformat()
+        import polars as pl
+
         m = Manifest(0, 0, {t: [] for t in TABLES}, model, tuple(color_bins), thumb_size, [], stamp, stamp)
         sch = schemas(m.bins, int(model["dim"]))
         parts = {t: [self._write_part(t, pl.DataFrame(schema=sch[t]), 0)] for t in TABLES}
@@ -225,6 +231,8 @@ class LakeWriter:
         for table, df in frames.items():
             if df.height:
                 if "version" in df.columns:
+                    import polars as pl
+
                     df = df.with_columns(pl.lit(snap, dtype=pl.Int64).alias("version"))
                 tables[table].append(self._write_part(table, df.select(list(sch[table])).cast(sch[table]), snap))
         new = Manifest(
@@ -242,6 +250,8 @@ class LakeWriter:
         tables = {t: list(v) for t, v in m.tables.items()}
         garbage = list(m.garbage)
         changed = False
+        import duckdb
+
         con = duckdb.connect()
         for table, parts in m.tables.items():
             small = [p for p in parts if (self.lake.root / p).stat().st_size < COMPACT_BELOW_BYTES]
@@ -305,6 +315,9 @@ class LakeConnection:
         self.lake = lake
         self.manifest = manifest
         self.snapshot = manifest.snapshot if manifest else -1
+        import duckdb
+        import polars as pl
+
         self.con = duckdb.connect(config={"threads": max(1, min(4, os.cpu_count() or 1))})
         sch = schemas(manifest.bins, int(manifest.model["dim"])) if manifest else schemas()
         for table in TABLES:
@@ -358,6 +371,8 @@ class LakeConnection:
         return to_arrow(self.con.sql(query, params=params or None))
 
     def frame(self, query: str, params: list[Any] | None = None) -> pl.DataFrame:
+        import polars as pl
+
         return pl.from_arrow(self.arrow(query, params))  # type: ignore[return-value]
 
     def count(self) -> int:

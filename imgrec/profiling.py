@@ -32,12 +32,13 @@ if TYPE_CHECKING:
 
 SEARCH_STAGES = ("setup", "decode", "features", "expand", "candidates", "rerank", "metadata", "render", "total")
 MEASURE_ORDER = ("color", "hash", "embedding", "mix")
-INGEST_STAGES = ("scan", "read", "decode", "color", "hash", "thumbnail", "preprocess", "model_load", "embed", "write",
-                 "compact", "index")
+INGEST_STAGES = ("scan", "read", "decode", "resize", "color", "hash", "thumbnail", "preprocess", "model_load", "embed",
+                 "write", "compact", "index")
 COLD_PARTS = ("interpreter", "imports", "index_open", "duckdb", "model_load", "first_search", "other")
 UPLOADS, LAKE_IMAGES = "uploads", "lake images"  # query kinds: decoded + embedded, or stored features
 COLD_START_MARK = "IMGREC_COLD_START "  # prefix of the child's JSON line on stdout
-COLD_IMPORTS = ("numpy", "pyarrow", "polars", "duckdb", "usearch.index", "PIL.Image", "imgrec.search")
+COLD_IMPORTS = ("numpy", "PIL.Image", "usearch.index", "imgrec.search")  # what a search imports (DuckDB, polars and
+# pyarrow load later, where a search needs them: see the "duckdb" part and the first search's stages)
 
 
 class ColdStartError(RuntimeError):
@@ -323,7 +324,6 @@ def _cold_start_child(lake: str, measure: str, query: str, k: int, t_parent: flo
         hnsw["color"] = engine.index.color_hnsw
     hnsw_ms = _ms(t)
     parts["index_open"] = round(engine.open_ms.get("index_open", 0.0) + hnsw_ms, 1)
-    parts["duckdb"] = round(engine.open_ms.get("duckdb", 0.0), 1)
     details["index_open"] = {"memory_map": engine.open_ms.get("index_open", 0.0), "hnsw_restore": hnsw_ms,
                              "engine_other": round(max(engine_ms - sum(engine.open_ms.values()), 0.0), 1)}
 
@@ -333,20 +333,23 @@ def _cold_start_child(lake: str, measure: str, query: str, k: int, t_parent: flo
     else:
         needs_model = q.image_id is None and "embedding" in measures
     if needs_model:
-        t = time.perf_counter()
-        import torch  # noqa: F401
+        from imgrec.features.runtime import resolve
 
-        torch_ms = _ms(t)
+        backend, _ = resolve(engine.config.backend, engine.config.device, engine.index.meta["model"]["name"])
+        t = time.perf_counter()
+        importlib.import_module("onnxruntime" if backend == "onnx" else "torch")
+        runtime_ms = _ms(t)
         t = time.perf_counter()
         engine.embedder()
         weights_ms = _ms(t)
-        parts["model_load"] = round(torch_ms + weights_ms, 1)
-        details["model_load"] = {"torch_import": torch_ms, "weights": weights_ms}
+        parts["model_load"] = round(runtime_ms + weights_ms, 1)
+        details["model_load"] = {f"{backend}_import": runtime_ms, "weights": weights_ms}
 
     t = time.perf_counter()
     resp = engine.search([q], measure=measure, k=k)
     t_end = time.perf_counter()
-    parts["first_search"] = _ms(t, t_end)
+    parts["duckdb"] = round(engine.open_ms.get("duckdb", 0.0), 1)  # opened by the search where it needed it, else 0
+    parts["first_search"] = round(_ms(t, t_end) - parts["duckdb"], 1)
     details["first_search"] = dict(resp.timings_ms)
     child_ms = _ms(t_top, t_end)
     total_ms = _ms(t_parent, t_end) if t_parent is not None else child_ms
@@ -357,6 +360,8 @@ def _cold_start_child(lake: str, measure: str, query: str, k: int, t_parent: flo
     return {
         "lake": lake, "measure": measure, "distance": resp.distance, "k": k, "needs_model": needs_model,
         "size": engine.size, "device": engine.embedder().device if needs_model else None,
+        "backend": getattr(engine.embedder(), "backend", None) if needs_model else None,
+        "torch_imported": "torch" in sys.modules,
         "parts_ms": {p: parts[p] for p in COLD_PARTS if p in parts},
         "details_ms": details, "total_ms": total_ms, "child_ms": child_ms,
         "results": len(resp.results),

@@ -9,10 +9,12 @@ candidates to every query image, normalised and fused for mix, aggregated over q
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from imgrec.config import DISTANCES, MAX_QUERY_IMAGES, MEASURES, Config
 from imgrec.features.embed import spec
 from imgrec.features.extract import content_hash, decode_side, extract
 from imgrec.index import IndexSet, StaleIndex
-from imgrec.lake import Lake, LakeConnection, LakeError
+from imgrec.lake import Lake, LakeConnection, LakeError, Manifest
 
 MAX_RANGE_RESULTS = 1000
 HISTORY = 2000  # searches remembered per engine for the profiling page
@@ -138,7 +140,10 @@ class Engine:
         self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
         self._hnsw_lock = threading.Lock()
         self._embedder: Any = None
-        self.conn: LakeConnection | None = None
+        self.notices: list[str] = []
+        self._conn: LakeConnection | None = None
+        self._manifest: Manifest | None = None  # the snapshot served (pinned until refresh)
+        self._snapshot: int | None = None  # None: not open (closed, or not yet)
         self.index: IndexSet | None = None
         self.open_ms: dict[str, float] = {}
         self.startup_ms: dict[str, float] = {}  # first open (index_open, duckdb), model_load; callers may add imports
@@ -162,7 +167,7 @@ class Engine:
         with self._lock:
             manifest = self.lake.manifest()
             snap = manifest.snapshot if manifest else -1
-            if self.conn is not None and self.conn.snapshot == snap:
+            if self._snapshot == snap:
                 return False
             t = _Timer()
             index = None
@@ -177,17 +182,34 @@ class Engine:
                     build_indexes(self.config)
                     index = IndexSet.open(self.lake, expect_snapshot=snap)
             t.lap("index_open")
-            self.conn, self.index = self.lake.connect(manifest), index
-            t.lap("duckdb")
+            # the DuckDB connection of this snapshot opens at its first use (``conn``): a search answered from the
+            # index (a new photo, an id) needs none
+            self._manifest, self._snapshot, self._conn, self.index = manifest, snap, None, index
             self.open_ms = t.ms
             return True
+
+    @property
+    def conn(self) -> LakeConnection | None:
+        """DuckDB over the served snapshot (opened on first use); None once the engine is closed."""
+        with self._lock:
+            if self._conn is None and self._snapshot is not None:
+                t0 = time.perf_counter()
+                self._conn = self.lake.connect(self._manifest)
+                self.open_ms["duckdb"] = round((time.perf_counter() - t0) * 1000.0, 3)
+                self.startup_ms.setdefault("duckdb", self.open_ms["duckdb"])
+            return self._conn
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The served snapshot's manifest."""
+        return self._manifest
 
     def close(self) -> None:
         """Release the DuckDB connection (the engine is unusable afterwards)."""
         with self._lock:
-            if self.conn is not None:
-                self.conn.close()
-            self.conn, self.index = None, None
+            if self._conn is not None:
+                self._conn.close()
+            self._conn, self.index, self._snapshot, self._manifest = None, None, None, None
 
     @property
     def size(self) -> int:
@@ -195,29 +217,30 @@ class Engine:
 
     @property
     def snapshot(self) -> int:
-        return self.conn.snapshot if self.conn else -1
+        return -1 if self._snapshot is None else self._snapshot
 
     def cursor(self) -> Any:
         """A DuckDB cursor for the calling thread (over the same snapshot)."""
-        if self.conn is None:
+        conn = self.conn
+        if conn is None:
             raise LakeError("the lake is not open")
-        return self.conn.con.cursor()
+        return conn.con.cursor()
 
     def embedder(self) -> Any:
-        """The lake's embedding model, loaded once; refuses a model other than the one the index was built with."""
+        """The lake's embedding model, loaded once (ONNX Runtime on the CPU where installed, else torch: see
+        ``imgrec.features.runtime``); refuses weights other than those the index was built with."""
         with self._model_lock:
             if self._embedder is None:
-                from imgrec.features.embed import Embedder
+                from imgrec.features.runtime import load_embedder, resolve
 
                 if self.index is None:
                     raise LakeError("the lake is empty: ingest a folder first")
                 recorded = self.index.meta["model"]
+                cfg = self.config
                 t0 = time.perf_counter()
-                emb = Embedder(recorded["name"], self.config.device)
-                if emb.device == "cpu" and self.config.query_threads > 0:
-                    import torch
-
-                    torch.set_num_threads(self.config.query_threads)
+                backend, _ = resolve(cfg.backend, cfg.device, recorded["name"])
+                threads = cfg.query_threads or (0 if backend == "onnx" else 1)  # torch: 1 (its threads spin)
+                emb = load_embedder(recorded["name"], cfg.backend, cfg.device, threads, log=self.notice)
                 self.startup_ms["model_load"] = round((time.perf_counter() - t0) * 1000.0, 1)
                 if emb.checksum != recorded.get("checksum"):
                     raise ModelMismatch(
@@ -226,6 +249,13 @@ class Engine:
                     )
                 self._embedder = emb
             return self._embedder
+
+    def notice(self, message: str) -> None:
+        """Something a person should know once (e.g. the slower torch fallback): kept in ``notices``, and printed to
+        stderr."""
+        if message not in self.notices:
+            self.notices.append(message)
+            print(message, file=sys.stderr)
 
     def prepare(self, wait: bool = False) -> None:
         """Build what a mix search over a large lake uses beside the index files (the near-duplicate table of the
@@ -261,11 +291,13 @@ class Engine:
         idx = self._require_index()
         model = spec(idx.meta["model"]["name"])
         bins = tuple(idx.meta["color_bins"])
-        manifest = self.conn.manifest if self.conn is not None else None  # the pinned snapshot's; no file read
-        side = decode_side(manifest.thumb_size if manifest else 256, model)
+        side = decode_side(model)
         out: list[QueryFeatures] = []
         crops: list[tuple[int, NDArray[np.uint8]]] = []
         fresh: list[int] = []  # positions of query images computed here (not stored, not cached)
+        todo: list[tuple[int, bytes, str]] = []  # (position, bytes, name) of the images to decode
+        from imgrec.imaging import ImageError, read_file
+
         known = self.lookup_paths([q.path for q in queries if q.path])
         for q in queries:
             if q.path in known:  # a file of the lake, unchanged since ingestion: its stored features
@@ -278,8 +310,6 @@ class Engine:
                 out.append(QueryFeatures(np.asarray(idx.color[row]), np.asarray(idx.hashes[row]),
                                          np.asarray(idx.embeddings[row], dtype=np.float32), q.image_id))
                 continue
-            from imgrec.imaging import ImageError, read_file
-
             data = q.data
             if data is None:
                 try:  # a FIFO or device given as a query is refused, not waited on
@@ -301,16 +331,30 @@ class Engine:
                 out.append(QueryFeatures(hit.hist, hit.hashes, emb, None, key, hit.raw_emb))
                 continue
             fresh.append(len(out))
+            out.append(QueryFeatures(np.empty(0, np.float32), np.empty(0, np.uint64), None, None, key))
+            todo.append((len(out) - 1, data, q.name))
 
+        def one(item: tuple[int, bytes, str]) -> Any:
             try:
-                f = extract(data, model=model if need_embedding else None, bins=bins, thumb_size=None,
-                            max_pixels=self.config.max_pixels, min_side=side)
+                return extract(item[1], model=model if need_embedding else None, bins=bins, thumb_size=None,
+                               max_pixels=self.config.max_pixels, min_side=side)
             except ImageError as exc:
-                raise QueryError(f"{q.name or 'query'}: {exc}") from None
-            timer.ms["decode"] = round(timer.ms.get("decode", 0.0) + f.timings["decode"] * 1000, 3)
+                raise QueryError(f"{item[2] or 'query'}: {exc}") from None
+
+        t0 = time.perf_counter()
+        if len(todo) > 1:  # several uploads decode side by side (Pillow and numpy release the GIL)
+            with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="imgrec-decode") as ex:
+                done = list(ex.map(one, todo))
+        else:
+            done = [one(item) for item in todo]
+        if done:  # the decoding's share of the time the extraction took
+            spent = sum(sum(f.timings.values()) for f in done) or 1.0
+            wall = (time.perf_counter() - t0) * 1000
+            timer.ms["decode"] = round(wall * sum(f.timings["decode"] for f in done) / spent, 3)
+        for (pos, _, _), f in zip(todo, done, strict=True):
+            out[pos].hist, out[pos].hashes = f.hist, f.hashes
             if f.crop is not None:
-                crops.append((len(out), f.crop))
-            out.append(QueryFeatures(f.hist, f.hashes, None, None, f.content_hash))
+                crops.append((pos, f.crop))
         timer.lap("features")
         if crops and need_embedding:
             emb, _, _ = self.embedder().embed(np.stack([c for _, c in crops]))
@@ -633,19 +677,22 @@ class Engine:
 
     def lookup_paths(self, paths: Sequence[str]) -> dict[str, int]:
         """image_id of each path that is an image of the lake whose file is unchanged (same size and mtime)."""
-        if not paths or self.conn is None:
+        if not paths or self._snapshot is None:
             return {}
-        rows = self.cursor().execute(
-            "SELECT path, image_id, size_bytes, mtime_ns FROM images WHERE path IN (SELECT unnest(?))", [list(paths)]
-        ).fetchall()
+        found = self.index.find_paths(list(paths)) if self.index is not None else None
+        if found is None:  # an index without its path table (or none): DuckDB
+            found = {path: {"image_id": image_id, "size_bytes": size, "mtime_ns": mtime_ns}
+                     for path, image_id, size, mtime_ns in self.cursor().execute(
+                         "SELECT path, image_id, size_bytes, mtime_ns FROM images WHERE path IN (SELECT unnest(?))",
+                         [list(paths)]).fetchall()}
         out = {}
-        for path, image_id, size, mtime_ns in rows:
+        for path, row in found.items():
             try:
                 st = os.stat(path)
             except OSError:
                 continue
-            if st.st_size == size and st.st_mtime_ns == mtime_ns:
-                out[path] = int(image_id)
+            if st.st_size == row["size_bytes"] and st.st_mtime_ns == row["mtime_ns"]:
+                out[path] = int(row["image_id"])
         return out
 
     def lookup_ids(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -667,8 +714,8 @@ class Engine:
     def _attach_metadata(self, results: list[Result], idx: IndexSet, rows: NDArray[np.int64]) -> None:
         """From the index's row table (memory-mapped, no query), else from DuckDB."""
         table = idx.metadata
-        if table is not None:
-            picked = table.take(rows).to_pylist()
+        if table is not None:  # row by row: Table.take would import pyarrow.compute (80 ms) in a fresh process
+            picked = [table.slice(int(r), 1).to_pylist()[0] for r in rows]
             meta = {int(m["image_id"]): m for m in picked}
         else:
             meta = self.lookup_ids([r.image_id for r in results])

@@ -138,9 +138,10 @@ def cold_start_section(status: ui.LakeStatus) -> None:
     import altair as alt
 
     st.header("Cold start")
-    st.caption("A new process until its first result: interpreter start, imports, index open, DuckDB, model load "
-               "(torch import + weights; only when the query must be embedded), first search. This server's own "
-               "engine opened the lake once (its model loads in the background).")
+    st.caption("A new process until its first result: interpreter start, imports, index open, DuckDB (only where "
+               "the search needs it), model load (ONNX Runtime, or torch, import + the model; only when the query "
+               "must be embedded), first search. This server's own engine opened the lake once (its model loads "
+               "in the background).")
     c1, c2 = st.columns([1, 2], vertical_alignment="bottom")
     measure = c1.selectbox("Measure", MEASURES, index=MEASURES.index("mix"), key="prof_cold_measure")
     if c2.button("Measure a cold start", icon=":material/timer:",

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from imgrec import similarity as sim
 from imgrec.config import Config
-from imgrec.index import current_dir, index_root
+from imgrec.index import current_dir, index_root, path_keys
 from imgrec.lake import Lake, LakeError, atomic_write_bytes, now
 
 
@@ -115,8 +115,8 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             "ORDER BY i.image_id")
         n_images = conn.count()
         rows = conn.arrow(
-            "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label FROM images i "
-            "LEFT JOIN labels l USING (image_id) ORDER BY i.image_id")
+            "SELECT i.image_id, i.path, i.collection, i.relpath, i.width, i.height, l.label, i.size_bytes, "
+            "i.mtime_ns FROM images i LEFT JOIN labels l USING (image_id) ORDER BY i.image_id")
         if tbl.num_rows != n_images:
             conn.close()
             raise LakeError(f"{n_images - tbl.num_rows} images lack features; the lake is inconsistent")
@@ -154,6 +154,10 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         if rows.num_rows == len(ids) and np.array_equal(rows.column("image_id").to_numpy(), ids):
             with pa.OSFile(str(tmp / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
                 w.write_table(rows.combine_chunks())  # the results' metadata by row, memory-mapped by searchers
+            keys = path_keys(rows.column("path").to_pylist())  # a query's path found without DuckDB
+            order = np.argsort(keys, kind="stable")
+            np.save(tmp / "path_keys.npy", keys[order])
+            np.save(tmp / "path_rows.npy", order.astype(np.int64))
 
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1

@@ -12,6 +12,7 @@ so a run killed at any point resumes with the next file and assigns the same ids
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -33,11 +34,14 @@ import polars as pl
 from imgrec.config import Config
 from imgrec.features.embed import ModelSpec, spec
 from imgrec.features.extract import HandFeatures, content_hash, decode_side, extract
+from imgrec.features.runtime import ensure_onnx
 from imgrec.imaging import ImageError, read_file
 from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
 from pipelines.walk import walk
+from pipelines.workers import WorkerPool
 
 Progress = Callable[[int, int], None]
+CHUNK = 16  # files a worker process handles (and embeds) at a time
 _META = ("width", "height", "format", "mode")
 
 
@@ -66,6 +70,9 @@ class IngestReport:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (worker stages summed over workers)
     workers: int = 1
     device: str = "cpu"
+    backend: str = "torch"
+    cpu_busy: float | None = None  # CPU time of the run (all processes) / (wall time x cores), while processing
+    worker_restarts: int = 0  # worker processes that died (a decoder crash, the OOM killer) and were replaced
     interrupted: bool = False
     snapshot: int = -1
 
@@ -89,39 +96,48 @@ class IngestReport:
 # --- worker side ----------------------------------------------------------------------------------------------------
 
 _W: dict[str, Any] = {}
-
-
-def _init_pool_worker(*args: Any) -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops the run cleanly (see _stop_on_signals).
-
-    SIGTERM goes back to its default: a worker forked while the parent's stop handler was installed would
-    otherwise catch ``Pool.terminate()``'s SIGTERM, set a stop flag no one reads, and never exit (join hangs).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    *args, finished = args
-    _init_worker(*args)
-    _W["finished"] = finished  # a shared count of the files this pool has handled (the main process reads it)
+Done = tuple[Task, str, "HandFeatures | None", "str | None", float]  # task, content hash, features, reason, read s
 
 
 def _init_worker(model: ModelSpec, bins: tuple[int, int, int], thumb: int, max_pixels: int,
-                 reusable: frozenset[str], max_bytes: int | None = None) -> None:
+                 reusable: frozenset[str], max_bytes: int | None = None, embed_threads: int | None = None) -> None:
+    """``embed_threads``: embed each chunk's crops here, with ONNX Runtime on that many threads (None: the crops go
+    back to the main process, which embeds them: torch, on a GPU)."""
     _W.update(model=model, bins=bins, thumb=thumb, max_pixels=max_pixels, reusable=reusable,
-              min_side=decode_side(thumb, model), max_bytes=max_bytes)
+              min_side=decode_side(model), max_bytes=max_bytes, embed_threads=embed_threads, embedder=None)
 
 
-def _work(task: Task, reuse: bool = True) -> tuple[Task, str, HandFeatures | None, str | None, float]:
+def _work_chunk(tasks: list[Task]) -> list[Done]:
+    """Read and extract a chunk of files, then embed their crops in one batch where this process embeds."""
+    t0 = time.process_time()
+    done = [_work(t) for t in tasks]
+    if _W.get("embed_threads") is not None:
+        todo = [f for _, _, f, _, _ in done if f is not None and f.crop is not None]
+        if todo:
+            t1 = time.perf_counter()
+            if _W["embedder"] is None:
+                from imgrec.features.runtime import OnnxEmbedder
+
+                _W["embedder"] = OnnxEmbedder(_W["model"].name, threads=_W["embed_threads"])
+            emb, top_i, top_p = _W["embedder"].embed(np.stack([f.crop for f in todo]))
+            share = (time.perf_counter() - t1) / len(todo)
+            for j, f in enumerate(todo):
+                f.emb, f.top_i, f.top_p, f.crop = emb[j], top_i[j], top_p[j], None
+                f.timings["embed"] = share
+    cpu = (time.process_time() - t0) / max(1, len(tasks))
+    for _, _, f, _, _ in done:
+        if f is not None:
+            f.timings["cpu"] = cpu
+    return done
+
+
+def _crashed(task: Task, reason: str) -> Done:
+    """The result of a file whose worker died twice while it held it."""
+    return task, "", None, reason, 0.0
+
+
+def _work(task: Task, reuse: bool = True) -> Done:
     """Read and extract one file: (task, content hash, features or None, error reason or None, read seconds)."""
-    try:
-        return _read_and_extract(task, reuse)
-    finally:
-        finished = _W.get("finished")
-        if finished is not None:
-            with finished.get_lock():
-                finished.value += 1
-
-
-def _read_and_extract(task: Task, reuse: bool) -> tuple[Task, str, HandFeatures | None, str | None, float]:
     t0 = time.perf_counter()
     try:  # never blocks on a FIFO put in the file's place; refuses a file that changes while it is read
         data, st = read_file(task.path, _W.get("max_bytes"))
@@ -135,6 +151,7 @@ def _read_and_extract(task: Task, reuse: bool) -> tuple[Task, str, HandFeatures 
     chash = content_hash(data)
     if reuse and (chash == task.old_hash or chash in _W["reusable"]):
         return task, chash, None, None, read_s  # same bytes as an image already in the lake: relink, no decode
+    _fault_injection(task)
     try:
         feats = extract(data, model=_W["model"], bins=_W["bins"], thumb_size=_W["thumb"],
                         max_pixels=_W["max_pixels"], min_side=_W["min_side"])
@@ -143,6 +160,16 @@ def _read_and_extract(task: Task, reuse: bool) -> tuple[Task, str, HandFeatures 
     except Exception as exc:  # never let one file stop the run
         return task, chash, None, f"unexpected decoder error: {exc.__class__.__name__}: {exc}", read_s
     return task, chash, feats, None, read_s
+
+
+FAULT_ENV = "IMGREC_FAULT_CRASH_ON"  # tests: a worker process decoding a file of this name dies with SIGSEGV
+
+
+def _fault_injection(task: Task) -> None:
+    """Stand-in for a native decoder crash, for the tests of the worker pool (never set otherwise)."""
+    name = os.environ.get(FAULT_ENV)
+    if name and task.relpath.endswith(name) and mp.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGSEGV)
 
 
 # --- main side ------------------------------------------------------------------------------------------------------
@@ -277,23 +304,33 @@ def ingest(
         reusable = frozenset(deleted)
         bins = tuple(manifest.color_bins) if manifest else tuple(config.color_bins)
         thumb = manifest.thumb_size if manifest else config.thumb_size
-        init_args = (model, bins, thumb, config.max_pixels, reusable, config.max_file_bytes)
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
+        backend = state.choose_backend(log)
+        # ONNX Runtime on the CPU: each worker process embeds its own chunks, on its share of the cores; torch (a
+        # GPU): the crops come back and this process embeds them in batches
+        in_workers = backend == "onnx" and workers > 1
+        if in_workers:
+            ensure_onnx(model, log)  # exported once, before the workers start
+        init_args = (model, bins, thumb, config.max_pixels, reusable, config.max_file_bytes,
+                     max(1, _cores() // workers) if in_workers else None)
         stop = stop or threading.Event()
-        _init_worker(*init_args)  # also with a pool: handle() extracts a relinked file's twin here
+        _init_worker(*init_args[:-1])  # this process extracts a relinked file's twin (and everything, alone)
+        cpu0, t_work = time.process_time(), time.perf_counter()
         with _stop_on_signals(stop, log), contextlib.ExitStack() as cleanup:
+            pool = None
             if workers > 1:
-                ctx = mp.get_context("fork")
-                finished = ctx.Value("l", 0)
-                pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(*init_args, finished))
-                cleanup.callback(_close_pool, pool)
+                pool = cleanup.enter_context(WorkerPool(
+                    workers, _work_chunk, _crashed, initializer=_init_worker, initargs=init_args,
+                    item_timeout_s=config.file_timeout_s))
+                chunk = max(1, min(config.batch_size, CHUNK))
+                results = itertools.chain.from_iterable(pool.map(
+                    tasks[i : i + chunk] for i in range(0, len(tasks), chunk)))
                 state.threads = _EmbedThreads(_cores(), workers, config.embed_threads or None,
-                                              lambda: finished.value >= len(tasks))
-                results = pool.imap(_work, tasks, chunksize=4)
+                                              lambda: pool.received >= len(tasks))
             else:
-                state.threads = _EmbedThreads(_cores(), 1, config.embed_threads or None, lambda: True)
                 results = map(_work, tasks)
+                state.threads = _EmbedThreads(_cores(), 1, config.embed_threads or None, lambda: True)
             state.ensure_lake()
             bar = _bar(len(tasks), progress)
             for done, (task, chash, feats, reason, read_s) in enumerate(results, 1):
@@ -307,6 +344,18 @@ def ingest(
                 if on_progress:
                     on_progress(done, len(tasks))
             bar.close()
+            if pool is not None:
+                report.worker_restarts = pool.restarts
+                worker_cpu = stages.pop("cpu", 0.0)
+                if pool.restarts:
+                    log(f"imgrec: {pool.restarts} worker process(es) died and were replaced; "
+                        f"{pool.crashed} file(s) recorded as crashing the decoder")
+            else:
+                worker_cpu = 0.0
+                stages.pop("cpu", None)
+        wall = time.perf_counter() - t_work
+        if wall > 0 and tasks:  # how much of the machine the run kept busy while it processed files
+            report.cpu_busy = round((time.process_time() - cpu0 + worker_cpu) / (wall * _cores()), 3)
         # files that disappeared and whose bytes did not reappear elsewhere
         if not report.interrupted:
             for row in gone:
@@ -424,11 +473,6 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _close_pool(pool: Any) -> None:
-    pool.terminate()
-    pool.join()
-
-
 def _bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -449,29 +493,56 @@ class _Runner:
         self.device = "cpu"
         self.committed = False
         self.threads: _EmbedThreads | None = None  # None: torch's own thread count
+        self.backend = "torch"
+        self.checksum: str | None = None  # of the weights, once known
+
+    def choose_backend(self, log: Callable[[str], None]) -> str:
+        """What embeds this run (``imgrec.features.runtime.resolve``); the weights must be the lake's."""
+        from imgrec.features.runtime import resolve, weights_checksum
+
+        self.backend, why = resolve(self.config.backend, self.config.device, self.model.name)
+        self.report.backend = self.backend
+        if why:
+            log(f"imgrec: {why}")
+        if self.backend == "onnx":
+            self.checksum = weights_checksum(self.model)
+            self._check_weights(self.checksum)
+        return self.backend
+
+    def _check_weights(self, checksum: str) -> None:
+        recorded = self.manifest.model.get("checksum") if self.manifest else None
+        if recorded and recorded != checksum:
+            raise LakeError(
+                f"the weights of {self.model.name} differ from those this lake was built with "
+                f"(checksum {checksum} vs {recorded}); use another lake"
+            )
 
     def _embedder(self) -> Any:
         if self.embedder is None:
-            from imgrec.features.embed import Embedder, retain_freed_memory
+            from imgrec.features.embed import retain_freed_memory
+            from imgrec.features.runtime import load_embedder
 
             t0 = time.perf_counter()
             retain_freed_memory()  # batches' activations reuse freed memory instead of page-faulting fresh mappings
-            self.embedder = Embedder(self.config.model, self.config.device)
+            self.embedder = load_embedder(self.config.model, self.backend, self.config.device)
             self.device = self.embedder.device
             self.stages["model_load"] += time.perf_counter() - t0
-            recorded = self.manifest.model.get("checksum") if self.manifest else None
-            if recorded and recorded != self.embedder.checksum:
-                raise LakeError(
-                    f"the weights of {self.model.name} differ from those this lake was built with "
-                    f"(checksum {self.embedder.checksum} vs {recorded}); use another lake"
-                )
+            self.checksum = self.embedder.checksum
+            self._check_weights(self.checksum)
         return self.embedder
+
+    def labels(self) -> tuple[str, ...]:
+        if self.embedder is not None:
+            return self.embedder.labels
+        from imgrec.features.runtime import label_names
+
+        return label_names(self.model)
 
     def ensure_lake(self) -> None:
         if self.manifest is None:
-            e = self._embedder()
+            checksum = self.checksum or self._embedder().checksum
             self.manifest = self.writer.create(
-                {"name": self.model.name, "checksum": e.checksum, "dim": self.model.dim,
+                {"name": self.model.name, "checksum": checksum, "dim": self.model.dim,
                  "resize": self.model.resize, "crop": self.model.crop},
                 tuple(self.config.color_bins), self.config.thumb_size)
 
@@ -515,7 +586,10 @@ class _Runner:
         b.add("color", {"image_id": image_id, "hist": feats.hist})
         b.add("hashes", {"image_id": image_id, "phash": int(feats.phash), "dhash": int(feats.dhash)})
         b.add("thumbnails", {"image_id": image_id, "thumb": feats.thumb})
-        b.crops.append((image_id, feats.crop))
+        if feats.emb is not None:  # embedded by the worker process
+            self._add_embedding(image_id, feats.emb, feats.top_i, feats.top_p)
+        else:
+            b.crops.append((image_id, feats.crop))
         for k, v in feats.timings.items():
             self.stages[k] += v
         r.processed += 1
@@ -528,23 +602,24 @@ class _Runner:
         b = self.batch
         if not b.crops:
             return
-        from imgrec.features.embed import imagenet_labels
-
         t0 = time.perf_counter()
         ids = [i for i, _ in b.crops]
         crops = np.stack([c for _, c in b.crops])
         embedder = self._embedder()
-        cpu_threads = self.threads is not None and self.device == "cpu"
+        cpu_threads = self.threads is not None and self.device == "cpu" and self.backend == "torch"
         with self.threads.batch(len(ids)) if cpu_threads else contextlib.nullcontext():  # type: ignore[union-attr]
             emb, top_i, top_p = embedder.embed(crops)
-        names = imagenet_labels()
         for j, image_id in enumerate(ids):
-            b.add("embeddings", {"image_id": image_id, "vector": emb[j]})
-            labels = [names[int(k)] for k in top_i[j]]
-            b.add("labels", {"image_id": image_id, "label": labels[0], "labels": labels,
-                             "probs": [float(p) for p in top_p[j]]})
+            self._add_embedding(image_id, emb[j], top_i[j], top_p[j])
         b.crops.clear()
         self.stages["embed"] += time.perf_counter() - t0
+
+    def _add_embedding(self, image_id: int, emb: np.ndarray, top_i: np.ndarray, top_p: np.ndarray) -> None:
+        names = self.labels()
+        labels = [names[int(k)] for k in top_i]
+        self.batch.add("embeddings", {"image_id": image_id, "vector": emb})
+        self.batch.add("labels", {"image_id": image_id, "label": labels[0], "labels": labels,
+                                  "probs": [float(p) for p in top_p]})
 
     def _maybe_commit(self) -> None:
         if self.batch.images >= self.config.commit_every:

@@ -57,11 +57,28 @@ def make_collection(root: Path, n: int = 10, start: int = 0) -> list[Path]:
 
 
 def ingest_quietly(root: Path, lake: Path, **overrides: object) -> object:
-    """Ingest ``root`` into ``lake`` with one worker, no progress bar and no log (the IngestReport)."""
+    """Ingest ``root`` into ``lake`` with one worker (unless ``workers`` says otherwise), no progress bar and no log
+    (the IngestReport)."""
     from imgrec.config import Config
     from pipelines.ingest import ingest
 
-    return ingest([root], Config.load(lake, workers=1, **overrides), progress=False, log=lambda s: None)
+    return ingest([root], Config.load(lake, **{"workers": 1, **overrides}), progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """imgrec's cache (the ONNX graph of the model) in a folder of this test session, unless $IMGREC_CACHE is set;
+    the graph is exported once here, so that the CLI runs the tests start (and kill) find it ready."""
+    from imgrec.config import CACHE_ENV, cache_dir
+
+    if not os.environ.get(CACHE_ENV):
+        os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("imgrec-cache"))
+    from imgrec.features.embed import spec
+    from imgrec.features.runtime import ensure_onnx, onnx_available
+
+    if onnx_available():
+        ensure_onnx(spec("efficientnet-lite0"))
+    return cache_dir()
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.fft import dctn
 
 from imgrec import imaging
-from imgrec.features import color, hashing
+from imgrec.features import hashing
 from imgrec.features.color import hsv_histogram
 from imgrec.features.embed import preprocess, spec
-from imgrec.features.extract import HandFeatures, content_hash, decode_side, extract
+from imgrec.features.extract import HandFeatures, content_hash, decode_side, extract, pyramid
 from imgrec.features.hashing import dhash, pack_bits, phash
-from imgrec.imaging import ImageError, decode, thumbnail_jpeg
+from imgrec.imaging import ImageError, decode, fit_within, thumbnail_jpeg
 
 # --- image generators -------------------------------------------------------------------------------------------------
 
@@ -164,8 +164,8 @@ def test_hsv_histogram_custom_bins_and_resize_stability():
     img = smooth_noise(3, (800, 600))
     full, half = hsv_histogram(img), hsv_histogram(img.resize((400, 300), Image.Resampling.BILINEAR))
     assert np.abs(full - half).sum() < 0.1
-    assert color._fit((800, 600), 128) == (128, 96)
-    assert color._fit((1, 5000), 128) == (1, 128)
+    assert fit_within((800, 600), 128) == (128, 96)
+    assert fit_within((1, 5000), 128) == (1, 128)
 
 
 # --- perceptual hashes ------------------------------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def lite0():
 def test_extract_all_features(lite0, size, fmt):
     img = smooth_noise(2, size)
     data = encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    side = decode_side(256, lite0)
+    side = decode_side(lite0)
     f = extract(data, model=lite0, min_side=side)
     assert isinstance(f, HandFeatures)
     assert (f.width, f.height, f.format, f.mode) == (*size, fmt, "RGB")
@@ -488,22 +488,27 @@ def test_extract_all_features(lite0, size, fmt):
     # colour
     assert f.hist.shape == (128,) and f.hist.dtype == np.float32
     assert float(f.hist.sum()) == pytest.approx(1.0, abs=1e-5)
-    # hashes: the same as computing them on the decoded image
+    # one resize pyramid: the model's crop from the model's resize of the decoded picture, the thumbnail from a copy
+    # of that copy (never enlarged), the colour histogram and the hashes from a copy of at most 128 px of that one
     dec = decode(data, min_side=side)
+    levels = pyramid(dec.image, lite0)
+    assert max(levels.small.size) == min(256, max(dec.image.size)) and max(levels.color.size) <= 128
     assert isinstance(f.phash, np.uint64) and isinstance(f.dhash, np.uint64)
-    assert f.phash == phash(dec.image) and f.dhash == dhash(dec.image)
-    np.testing.assert_array_equal(f.hist, hsv_histogram(dec.image))
+    assert f.phash == phash(levels.color) and f.dhash == dhash(levels.color)
+    np.testing.assert_array_equal(f.hist, hsv_histogram(levels.color))
     assert f.hashes.dtype == np.uint64 and f.hashes.tolist() == [int(f.phash), int(f.dhash)]
+    # ... close to the same features of the full picture (what they were computed on before the pyramid)
+    assert np.abs(f.hist - hsv_histogram(dec.image)).sum() < 0.15
+    assert sum(bin(int(a) ^ int(b)).count("1") for a, b in ((f.phash, phash(dec.image)), (f.dhash, dhash(dec.image)))) <= 8
     # thumbnail: a decodable JPEG of at most 256 px, never enlarged
     thumb = Image.open(io.BytesIO(f.thumb))
     thumb.load()
     assert thumb.format == "JPEG"
-    assert max(thumb.size) <= 256
-    assert max(thumb.size) == min(256, max(size))
-    # the model's input crop
+    assert max(thumb.size) == min(256, max(dec.image.size))
+    # the model's input crop: exactly the model's preprocessing of the decoded picture
     assert f.crop is not None and f.crop.shape == (224, 224, 3) and f.crop.dtype == np.uint8
     np.testing.assert_array_equal(f.crop, preprocess(dec.image, lite0))
-    assert set(f.timings) == {"decode", "color", "hash", "thumbnail", "preprocess"}
+    assert set(f.timings) == {"decode", "resize", "color", "hash", "thumbnail"}
     assert all(t >= 0 for t in f.timings.values())
 
 

@@ -138,7 +138,8 @@ def test_cold_start_in_a_fresh_process(lake: Path) -> None:
     assert out["process_ms"] >= out["total_ms"] >= out["child_ms"]
     details = out["details_ms"]
     assert set(details["imports"]) == set(prof.COLD_IMPORTS)
-    assert set(details["model_load"]) == {"torch_import", "weights"}
+    assert set(details["model_load"]) == {"onnx_import", "weights"}  # ONNX Runtime: no torch in the process
+    assert out["backend"] == "onnx" and out["torch_imported"] is False
     assert details["first_search"]["decode"] > 0 and details["first_search"]["features"] > 0
     assert out["results"] == 5 and out["first_result"]["score"] == pytest.approx(1.0, abs=1e-3)  # finds itself
 

@@ -176,6 +176,8 @@ def test_results_carry_their_rank_under_each_measure_and_mix_contributions(engin
 def test_history_remembers_searches_and_extra_stages(lake: tuple[Path, Path]) -> None:
     engine = Engine(Config.load(lake[1]))
     assert engine.history() == []
+    assert set(engine.startup_ms) == {"index_open"}  # DuckDB opens when something needs it, not before
+    engine.thumbnails([0])
     assert {"index_open", "duckdb"} <= set(engine.startup_ms)
     a = engine.search(["id:0"], "hash", k=3)
     b = engine.search(["id:1", "id:2"], "color", k=4)

@@ -25,9 +25,11 @@ class BenchError(RuntimeError):
 
 
 def default_work() -> Path:
-    """Where synthetic lakes and the default source lake are cached: ``$IMGREC_BENCH_CACHE``, else
-    ``~/.cache/imgrec/bench``."""
-    return Path(os.environ.get("IMGREC_BENCH_CACHE") or Path.home() / ".cache" / "imgrec" / "bench")
+    """Where synthetic lakes and the default source lake are cached: ``$IMGREC_BENCH_CACHE``, else ``bench`` in
+    imgrec's cache folder (``~/.cache/imgrec/bench``)."""
+    from imgrec.config import cache_dir
+
+    return Path(os.environ.get("IMGREC_BENCH_CACHE") or cache_dir() / "bench")
 
 
 def stats(values: Sequence[float]) -> dict[str, float]:

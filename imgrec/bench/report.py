@@ -13,6 +13,7 @@ from imgrec.config import MEASURES
 REPORTS_ENV = "IMGREC_BENCH_REPORTS"
 
 TARGET_N = 400_000  # the targets are stated for a collection of this size
+INGEST_TARGETS = {"oxford_flowers17": 70.0, "dogs_vs_cats_200px": 110.0}  # img/s with 2 workers on 2 cores
 
 
 def _row(name: str, value: float | None, op: str, target: float, unit: str, n: int | None = None,
@@ -64,18 +65,20 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(_row("index build", build["seconds"], "<=", 600.0, "s", n))
     e2e = _at_target_n([e for e in report.get("e2e", []) if e.get("rows")])
     if e2e:
-        for row in e2e["rows"]:
-            limit = 100.0 if row["images"] == 1 else 300.0
+        for row in e2e["rows"]:  # mix, the default measure, has the stricter targets of the CPU work (issue 11)
+            limit = {1: 100.0, 5: 300.0}[row["images"]] if row["measure"] != "mix" else {1: 30.0, 5: 100.0}[
+                row["images"]]
             rows.append(_row(f"end to end warm p50, {row['images']} upload{'s' * (row['images'] > 1)}, "
                              f"{row['measure']}", row["wall_ms"]["p50"], "<=", limit, "ms", e2e["n"]))
     cold = report.get("cold_start") or {}
     if cold.get("photo"):
         rows.append(_row(f"cold start, a new photo, {cold['measure']}", round(cold["photo"]["total_ms"]["p50"] / 1000, 3),
-                         "<=", 4.0, "s", cold.get("n")))
+                         "<=", 1.5, "s", cold.get("n")))
     for ing in report.get("ingestion", []):
         if "images_per_s" in ing:
+            limit = INGEST_TARGETS.get(ing["set"], 40.0) if ing["workers"] >= 2 else 40.0
             rows.append(_row(f"ingestion, {ing['set']}, {ing['workers']} worker{'s' * (ing['workers'] > 1)} "
-                             "(steady)", ing["steady_images_per_s"], ">=", 40.0, "img/s",
+                             "(steady)", ing["steady_images_per_s"], ">=", limit, "img/s",
                              where=f"{ing['images']} images; overall {ing['images_per_s']} img/s"))
     for r in rows:
         if r["n"] is not None and r["n"] != TARGET_N:
@@ -139,7 +142,8 @@ def markdown(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     lines = [f"# imgrec benchmark ({report.get('mode')})", "",
              f"Run {report.get('started_at', '?')[:19]} in {_f(report.get('seconds'))} s on {m.get('cpus')} CPU cores "
-             f"({m.get('cpu', '?')}), {m.get('memory_gb', '?')} GB, {m.get('accelerator', 'no GPU')}; Python "
+             f"({m.get('cpu', '?')}; {', '.join(m.get('vector_extensions') or []) or 'vector extensions unknown'}), "
+             f"{m.get('memory_gb', '?')} GB, {m.get('accelerator', 'no GPU')}; Python "
              f"{m.get('python')}, commit {m.get('commit', '?')}; load average {m.get('load_start', '?')} at the "
              f"start, {m.get('load_end', '?')} at the end (other work on the cores stretches every figure). "
              "Source of real features: "

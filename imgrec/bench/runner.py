@@ -76,8 +76,11 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "platform": platform.platform(), "accelerator": "no GPU", "load_start": _load()}
     try:
-        cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = [ln for ln in cpuinfo if ln.startswith("model name")]
         info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
+        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
+        info["vector_extensions"] = vector_extensions(flags)
         mem = [ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")]
         info["memory_gb"] = round(int(mem[0].split()[1]) / 1024**2, 1) if mem else None
     except OSError:
@@ -98,6 +101,18 @@ def machine() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+VECTOR_FLAGS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
+                "avx512_bf16": "AVX-512 BF16", "avx_vnni": "AVX-VNNI", "amx_tile": "AMX", "amx_bf16": "AMX BF16",
+                "amx_int8": "AMX INT8"}
+
+
+def vector_extensions(flags: Sequence[str]) -> list[str]:
+    """The vector instruction sets among a CPU's flags (/proc/cpuinfo) that decide how fast the model runs: an
+    embedding took 2.4x longer on an AVX2-only AMD EPYC than on an Intel Xeon with AVX-512."""
+    have = set(flags)
+    return [name for flag, name in VECTOR_FLAGS.items() if flag in have]
 
 
 def _load() -> float | None:

@@ -52,18 +52,35 @@ def spec(name: str) -> ModelSpec:
         raise ModelUnavailable(f"unknown model {name!r}; choose one of {', '.join(MODELS)}") from None
 
 
-def preprocess(img: Image.Image, s: ModelSpec) -> NDArray[np.uint8]:
-    """Resize the shorter side to ``s.resize`` and centre-crop ``s.crop``: uint8 (crop, crop, 3), no torch needed."""
+def model_level(img: Image.Image, s: ModelSpec) -> Image.Image | None:
+    """The picture with its shorter side resized to ``s.resize`` (the model's resize, before the centre crop); None
+    for a strip (20000x20, 100000x1), which resized whole would need gigabytes: see ``strip_crop``."""
     w, h = img.size
     scale = s.resize / min(w, h)
     nw, nh = max(s.crop, round(w * scale)), max(s.crop, round(h * scale))
-    if nw * nh > 16 * s.resize * s.resize:  # a strip (20000x20, 100000x1): resizing it whole needs gigabytes
-        side = s.crop / scale  # the centre crop's side in source pixels: resize only that region
-        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        return np.asarray(img.resize((s.crop, s.crop), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
-    resized = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (nw - s.crop) // 2, (nh - s.crop) // 2
-    return np.asarray(resized.crop((left, top, left + s.crop, top + s.crop)), dtype=np.uint8)
+    if nw * nh > 16 * s.resize * s.resize:
+        return None
+    return img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+def center_crop(img: Image.Image, crop: int) -> NDArray[np.uint8]:
+    """The centre ``crop`` x ``crop`` of a picture at least that large, as uint8 (crop, crop, 3)."""
+    left, top = (img.width - crop) // 2, (img.height - crop) // 2
+    return np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
+
+
+def strip_crop(img: Image.Image, s: ModelSpec) -> NDArray[np.uint8]:
+    """A strip's model input: only the centre crop's region of the source is resized."""
+    w, h = img.size
+    side = s.crop / (s.resize / min(w, h))  # the centre crop's side in source pixels
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    return np.asarray(img.resize((s.crop, s.crop), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+
+
+def preprocess(img: Image.Image, s: ModelSpec) -> NDArray[np.uint8]:
+    """Resize the shorter side to ``s.resize`` and centre-crop ``s.crop``: uint8 (crop, crop, 3), no torch needed."""
+    level = model_level(img, s)
+    return strip_crop(img, s) if level is None else center_crop(level, s.crop)
 
 
 def file_checksum(path: str | Path) -> str:
@@ -135,9 +152,15 @@ class Embedder:
         self._std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * self._std), -self._mean / self._std  # (x/255 - mean)/std in one op
 
+    backend = "torch"
+
     @property
     def dim(self) -> int:
         return self.spec.dim
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return imagenet_labels()
 
     def embed(self, batch: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.int16], NDArray[np.float32]]:
         """(B, S, S, 3) uint8 -> (unit vectors (B, dim), top-5 class ids (B, 5), their probabilities (B, 5))."""
