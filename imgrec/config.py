@@ -47,9 +47,9 @@ class Config:
     backend: str = "auto"  # what runs the model: "onnx" (ONNX Runtime, CPU), "torch", or "auto": torch on a GPU,
     # else ONNX Runtime where installed (imgrec.features.runtime)
     batch_size: int = 32
-    query_threads: int = 0  # CPU threads for embedding query images (0: every core; ONNX Runtime's threads do not
-    # spin, so busy cores cost no more than their share; torch's spinning threads made one upload take 950 ms instead
-    # of 15-20 ms there, so torch gets 1 thread for 0)
+    query_threads: int = 1  # torch threads for embedding query images on the CPU: with the cores busy elsewhere,
+    # torch's spinning threads made one upload take 950 ms instead of 15-20 ms (ONNX Runtime runs each query image on
+    # one thread, several images side by side)
     # ingestion
     workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     embed_threads: int = 0  # torch threads for embedding at ingestion on the CPU (0: the cores the decoding

@@ -116,6 +116,32 @@ class IndexSet:
         return pa.ipc.open_file(pa.memory_map(str(self.path / "rows.arrow"))).read_all()
 
     @cached_property
+    def _thumbs(self) -> tuple[NDArray[np.int64], list[Any]] | None:
+        """Per row (segment, offset, length) and the segments, memory-mapped; None for an index without them."""
+        if not (self.path / "thumbs.npy").is_file():
+            return None
+        store = self.path.parent / "thumbs"
+        segments = [np.memmap(store / name, dtype=np.uint8, mode="r") if (store / name).stat().st_size else
+                    np.empty(0, np.uint8) for name in json.loads((self.path / "thumbs.json").read_text())]
+        return np.load(self.path / "thumbs.npy", mmap_mode="r"), segments
+
+    def thumbnails(self, image_ids: list[int]) -> dict[int, bytes] | None:
+        """The thumbnails of the ids of this snapshot that have one (JPEG bytes); None without a thumbnail store."""
+        store = self._thumbs
+        if store is None:
+            return None
+        locs, segments = store
+        ids = np.asarray(image_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(self.size - 1, 0))
+        out = {}
+        for image_id, p in zip(ids.tolist(), pos.tolist(), strict=True):
+            if self.size and self.ids[p] == image_id:
+                seg, off, length = (int(v) for v in locs[p])
+                if length >= 0:
+                    out[image_id] = segments[seg][off : off + length].tobytes()
+        return out
+
+    @cached_property
     def _path_table(self) -> tuple[NDArray[np.uint64], NDArray[np.int64]] | None:
         if not (self.path / "path_keys.npy").is_file():
             return None

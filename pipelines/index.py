@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,13 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             order = np.argsort(keys, kind="stable")
             np.save(tmp / "path_keys.npy", keys[order])
             np.save(tmp / "path_rows.npy", order.astype(np.int64))
+        t_thumbs = time.perf_counter()
+        conn = lake.connect(manifest)
+        try:
+            thumbs = write_thumbnails(conn, ids, prev, tmp)
+        finally:
+            conn.close()
+        t_thumbs = time.perf_counter() - t_thumbs
 
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1
@@ -178,8 +186,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
                      "incremental": reused},
             "space": space.meta,
             "baselines": baselines(emb, color, hashes),
+            "thumbnails": thumbs,
             "build_seconds": {"read": round(t_read, 3), "space": round(t_space, 3), "hnsw": round(t_hnsw, 3),
-                              "total": round(time.perf_counter() - t0, 3)},
+                              "thumbnails": round(t_thumbs, 3), "total": round(time.perf_counter() - t0, 3)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(out, ignore_errors=True)
@@ -307,3 +316,61 @@ def _drop_old(root: Path, keep: set[str]) -> None:
     for path in root.glob("snap-*"):
         if path.name not in keep and not path.name.endswith(".tmp"):
             shutil.rmtree(path, ignore_errors=True)
+    used = {name for snap in root.glob("snap-*") if (snap / "thumbs.json").is_file()
+            for name in json.loads((snap / "thumbs.json").read_text())}
+    for seg in (root / THUMBS_DIR).glob("*.bin") if (root / THUMBS_DIR).is_dir() else []:
+        if seg.name not in used:  # a searcher still mapping it keeps its pages (Linux); new ones no longer see it
+            seg.unlink(missing_ok=True)
+
+
+THUMBS_DIR = "thumbs"  # indexes/thumbs/<segment>.bin: the thumbnails' bytes, shared by the snapshots' indexes
+REWRITE_GARBAGE = 0.5  # segments are rewritten once this share of their bytes belongs to images no longer there
+
+
+def write_thumbnails(conn: Any, ids: np.ndarray, prev: Path | None, out: Path) -> dict[str, Any]:
+    """The thumbnails of ``ids`` as byte ranges of segment files (``thumbs.npy``: per row segment, offset, length;
+    ``thumbs.json``: the segments' names), so a search hands back thumbnails from memory-mapped files instead of a
+    DuckDB scan of the Parquet table (0.05 vs 6 ms for 5). An incremental build keeps the previous segments and
+    appends one with the new images' thumbnails; once half their bytes are of removed images, everything is
+    rewritten. Each segment is written under a temporary name and renamed; never changed afterwards."""
+    store = out.parent / THUMBS_DIR
+    store.mkdir(parents=True, exist_ok=True)
+    locs = np.full((len(ids), 3), -1, dtype=np.int64)  # segment, offset, length (-1: no thumbnail)
+    segments: list[str] = []
+    todo = np.ones(len(ids), dtype=bool)
+    if prev is not None and (prev / "thumbs.npy").is_file():
+        old_ids, old_locs = np.load(prev / "ids.npy"), np.load(prev / "thumbs.npy")
+        old_segments = json.loads((prev / "thumbs.json").read_text())
+        kept = np.isin(ids, old_ids, assume_unique=True)
+        pos = np.searchsorted(old_ids, ids[kept])
+        live = int(old_locs[pos, 2].clip(0).sum())
+        total = sum((store / s).stat().st_size for s in old_segments if (store / s).is_file())
+        if all((store / s).is_file() for s in old_segments) and live >= (1 - REWRITE_GARBAGE) * total:
+            locs[kept], segments, todo = old_locs[pos], list(old_segments), ~kept
+    if todo.any():
+        segments.append(_write_segment(conn, ids[todo], locs, np.flatnonzero(todo), len(segments), store))
+    np.save(out / "thumbs.npy", locs)
+    (out / "thumbs.json").write_text(json.dumps(segments))
+    return {"segments": len(segments), "written": int(todo.sum()), "bytes": int(locs[:, 2].clip(0).sum())}
+
+
+def _write_segment(conn: Any, ids: np.ndarray, locs: np.ndarray, rows: np.ndarray, number: int, store: Path) -> str:
+    name = f"seg-{uuid.uuid4().hex[:16]}.bin"
+    tmp = store / f".{name}.tmp"
+    cur = conn.con.cursor()
+    cur.register("wanted", pa.table({"image_id": pa.array(ids, pa.int64())}))
+    reader = cur.sql("SELECT t.image_id, t.thumb FROM thumbnails t JOIN wanted w USING (image_id)").to_arrow_reader(4096)
+    offset = 0
+    with open(tmp, "wb") as fh:
+        for batch in reader:
+            found = np.searchsorted(ids, batch.column(0).to_numpy().astype(np.int64))
+            for j, blob in zip(found, batch.column(1).to_pylist(), strict=True):
+                if blob is None:
+                    continue
+                fh.write(blob)
+                locs[rows[j]] = (number, offset, len(blob))
+                offset += len(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, store / name)
+    return name
