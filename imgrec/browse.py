@@ -85,13 +85,13 @@ def inside_collection(engine: Engine, path: str, collection: str) -> bool:
     return os.path.commonpath([root, real]) == root
 
 
-def full_image(engine: Engine, image_id: int, max_side: int = 1280) -> bytes:
-    """The image file of ``image_id`` as a JPEG of at most ``max_side`` px (orientation applied).
+def image_file(engine: Engine, image_id: int) -> tuple[bytes, dict[str, Any]]:
+    """The bytes of ``image_id``'s file and its metadata row, read only from inside its collection's registered root.
 
-    Only files inside their collection's registered root are read. Raises KeyError (unknown id), PermissionError
-    (outside the root) or OSError / ImageError (gone or unreadable since ingestion).
+    Raises KeyError (unknown id), PermissionError (outside the root) or OSError / ImageError (gone or unreadable
+    since ingestion).
     """
-    from imgrec.imaging import decode, read_file, thumbnail_jpeg
+    from imgrec.imaging import read_file
 
     meta = engine.lookup_ids([int(image_id)]).get(int(image_id))
     if meta is None:
@@ -103,5 +103,14 @@ def full_image(engine: Engine, image_id: int, max_side: int = 1280) -> bytes:
     # checked again on the file actually opened (a symlink swapped in after the check above is refused too);
     # a FIFO put in the file's place is not waited on
     data, _ = read_file(meta["path"], engine.config.max_file_bytes, inside=os.path.realpath(root))
+    return data, meta
+
+
+def full_image(engine: Engine, image_id: int, max_side: int = 1280) -> bytes:
+    """The image file of ``image_id`` as a JPEG of at most ``max_side`` px (orientation applied); read as
+    ``image_file`` reads it (only inside the collection's root)."""
+    from imgrec.imaging import decode, thumbnail_jpeg
+
+    data, _ = image_file(engine, image_id)
     decoded = decode(data, max_pixels=engine.config.max_pixels, min_side=max_side)
     return thumbnail_jpeg(decoded.image, max_side, quality=88)

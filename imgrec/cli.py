@@ -135,6 +135,105 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return cli(args)
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    """A similarity join of two sides of the lake: Parquet / CSV, or JSON on stdout, with a progress bar."""
+    import time
+
+    from imgrec.join import COLUMNS, join_pairs, schema
+    from imgrec.search import Engine, one_blas_thread
+
+    t0 = time.perf_counter()
+    engine = Engine(_config(args))
+    t_open = time.perf_counter()
+    bar, on_progress = None, None
+    if args.progress_json:
+        on_progress, _ = _json_progress()
+    elif not args.quiet and sys.stderr.isatty() or args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="img", desc="join", dynamic_ncols=True)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    out = args.out
+    writer: Any = None
+    pairs: list[dict[str, Any]] = []
+    n = 0
+    try:
+        with one_blas_thread():
+            for batch in join_pairs(engine, args.left, args.right, args.measure, k=args.k, threshold=args.threshold,
+                                    max_pairs=args.max_pairs, on_progress=on_progress):
+                n += batch.num_rows
+                if out and out.endswith(".csv"):
+                    import pyarrow.csv as pacsv
+
+                    writer = writer or pacsv.CSVWriter(out, schema())
+                    writer.write_batch(batch)
+                elif out:
+                    import pyarrow.parquet as pq
+
+                    writer = writer or pq.ParquetWriter(out, schema(), compression="zstd")
+                    writer.write_batch(batch)
+                if args.json or not out:
+                    pairs += batch.to_pylist()
+    finally:
+        if writer is not None:
+            writer.close()
+        if bar is not None:
+            bar.close()
+    if out and writer is None:  # no pair at all: still a file, with its columns
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        (pacsv.write_csv if out.endswith(".csv") else pq.write_table)(schema().empty_table(), out)
+    timings = {"open": round((t_open - t0) * 1000, 1), "join": round((time.perf_counter() - t_open) * 1000, 1),
+               "total": round((time.perf_counter() - t0) * 1000, 1)}
+    if args.progress_json:
+        _emit({"event": "report", "pairs": n, "out": out, "timings_ms": timings})
+    elif args.json:
+        print(json.dumps({"pairs": [{**{c: p[c] for c in ("left_id", "left_path", "right_id", "right_path", "score",
+                                                           "rank")},
+                                     "scores": {m: p[f"score_{m}"] for m in ("embedding", "color", "hash")}}
+                                    for p in pairs], "timings_ms": timings}, indent=1))
+    else:
+        if not out:
+            for p in pairs:
+                print(f"{p['rank']:>3}  {p['score']:.4f}  {_printable(p['left_path'])}  ~  {_printable(p['right_path'])}")
+        print(f"{n:,} pairs{f' written to {out}' if out else ''} in {timings['total'] / 1000:.1f} s "
+              f"({', '.join(COLUMNS)})", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP API (``--api``), or the Streamlit app, on loopback unless told otherwise."""
+    from imgrec import access
+
+    if not args.api:
+        import subprocess
+        from pathlib import Path
+
+        app = Path(__file__).resolve().parents[1] / "app.py"
+        if not app.is_file():
+            raise FileNotFoundError(f"the app ({app}) is not here: run `streamlit run app.py` from the project")
+        env = {**os.environ, **({"IMGREC_LAKE": args.lake} if args.lake else {})}
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+               "--server.port", str(args.port or 8501)]
+        return subprocess.call(cmd, cwd=app.parent, env=env)
+    from imgrec.api import serve
+    from imgrec.search import Engine
+
+    key = args.api_key or os.environ.get(access.API_KEY_ENV) or None
+    engine = Engine(_config(args))
+    where = f"http://{args.host}:{args.port or 8000}"
+    print(f"imgrec: API on {where} (reference: {where}/docs){' with an API key' if key else ''}; Ctrl-C stops it",
+          file=sys.stderr)
+    serve(engine, args.host, args.port or 8000, key, max_request_bytes=int(args.max_request_mb * 1024 * 1024))
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from imgrec.lake import Lake
 
@@ -261,6 +360,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the whole report as JSON")
     sp.set_defaults(func=cmd_bench)
 
+    sp = sub.add_parser("join", help="similarity join: for every image of LEFT its k best in RIGHT, or every pair "
+                                     "scoring at least a threshold")
+    sp.add_argument("left", metavar="LEFT", help="a collection, COLLECTION/FOLDER, or all")
+    sp.add_argument("right", metavar="RIGHT", help="a collection, COLLECTION/FOLDER, or all (the same as LEFT: a "
+                                                   "self-join, each pair once)")
+    lake_arg(sp)
+    sp.add_argument("--measure", choices=MEASURES, default="mix")
+    how = sp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--k", type=int, help="kNN join: the k best in RIGHT for every image of LEFT")
+    how.add_argument("--threshold", type=float, help="range join: every pair scoring at least this (0..1)")
+    sp.add_argument("--out", help="write the pairs to this file: .parquet (default) or .csv")
+    sp.add_argument("--max-pairs", type=int, default=5_000_000, help="stop with an error beyond this many pairs")
+    sp.add_argument("--json", action="store_true", help='print {"pairs": [...], "timings_ms": {...}}')
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    sp.add_argument("--progress-json", action="store_true", help="one JSON line per progress update (the app)")
+    sp.set_defaults(func=cmd_join)
+
+    sp = sub.add_parser("serve", help="serve the lake: the HTTP API (--api) or the app, on 127.0.0.1 by default")
+    lake_arg(sp)
+    sp.add_argument("--api", action="store_true", help="the HTTP API (FastAPI + uvicorn) instead of the app")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; beyond it, the API needs a key "
+                         "and the app runs in shared mode)")
+    sp.add_argument("--port", type=int, help="port (default 8000 for the API, 8501 for the app)")
+    sp.add_argument("--api-key", help="the key every API request must carry (default: $IMGREC_API_KEY)")
+    sp.add_argument("--max-request-mb", type=float, default=64.0, help="largest API request body (default 64 MB)")
+    sp.set_defaults(func=cmd_serve)
+
     sp = sub.add_parser("stats", help="counts per collection and the skipped files with their reasons")
     lake_arg(sp)
     sp.add_argument("--json", action="store_true")
@@ -275,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (LakeError, ImageError, NotADirectoryError, FileNotFoundError) as exc:
+    except (LakeError, ImageError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
         print(f"imgrec: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # QueryError and other input errors

@@ -15,7 +15,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageError(ValueError):
-    """A file or upload that is not a usable image; the message says why, in words for a person."""
+    """A file or upload that is not a usable image; the message says why, in words for a person. ``kind``:
+    "too_large" (over a size or pixel limit), "not_image" (not an image at all), or "unreadable" (damaged, ...)."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None =
     each side; ``None`` decodes at full size. Raises ImageError with the reason.
     """
     if not data:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes)", "not_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -63,7 +68,7 @@ def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None =
             fmt = img.format or "unknown"
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"too many pixels: {w}x{h} is over the limit of {max_pixels:,}")
+                raise ImageError(f"too many pixels: {w}x{h} is over the limit of {max_pixels:,}", "too_large")
             mode = img.mode
             if fmt == "JPEG" and min_side:
                 img.draft("RGB", (min_side, min_side))
@@ -77,15 +82,15 @@ def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None =
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"decompression bomb refused: {exc}") from exc
+        raise ImageError(f"decompression bomb refused: {exc}", "too_large") from exc
     except Image.DecompressionBombWarning as exc:
-        raise ImageError(f"decompression bomb refused: {exc}") from exc
+        raise ImageError(f"decompression bomb refused: {exc}", "too_large") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageError("not an image, or a format imgrec cannot read") from exc
+        raise ImageError("not an image, or a format imgrec cannot read", "not_image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise ImageError(f"corrupt or truncated image: {exc}") from exc
     except MemoryError as exc:
-        raise ImageError("image too large to decode in memory") from exc
+        raise ImageError("image too large to decode in memory", "too_large") from exc
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("image has no pixels")
     return Decoded(image=rgb, width=w, height=h, format=fmt, mode=mode)
@@ -113,7 +118,7 @@ def read_file(path: str | os.PathLike[str], max_bytes: int | None = None, *, ins
         if not stat.S_ISREG(before.st_mode):
             raise ImageError("not a regular file (a FIFO, socket or device named like an image); not read")
         if max_bytes is not None and before.st_size > max_bytes:
-            raise ImageError(f"file too large: {before.st_size:,} bytes is over the limit of {max_bytes:,}")
+            raise ImageError(f"file too large: {before.st_size:,} bytes is over the limit of {max_bytes:,}", "too_large")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         after = os.fstat(fd)

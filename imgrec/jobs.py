@@ -1,4 +1,5 @@
-"""Background ingestion for the app: ``imgrec ingest FOLDER --lake LAKE --progress-json`` as a subprocess.
+"""Background jobs for the app: ``imgrec ingest FOLDER --lake LAKE --progress-json`` (and ``imgrec join ...
+--progress-json``: ``start_join``) as a subprocess.
 
 A subprocess, not a thread: the app process has torch loaded and serves every session, and ingestion forks worker
 processes and installs signal handlers. At most one job per lake runs at a time. Jobs live in a module-level
@@ -75,6 +76,7 @@ class Job:
     lake: str
     folder: str
     argv: list[str]
+    kind: str = "ingestion"  # or "join"
     id: int = field(default_factory=lambda: next(_ids))
     started_at: float = field(default_factory=time.monotonic)
     status: str = "starting"
@@ -160,8 +162,8 @@ class Job:
     def _failure(self, rc: int) -> str:
         tail = [x for x in self._log if x.strip()]
         if rc < 0:
-            return f"the ingestion was killed by signal {-rc}" + (f": {tail[-1]}" if tail else "")
-        return f"the ingestion failed (exit code {rc})" + (f": {tail[-1]}" if tail else "")
+            return f"the {self.kind} was killed by signal {-rc}" + (f": {tail[-1]}" if tail else "")
+        return f"the {self.kind} failed (exit code {rc})" + (f": {tail[-1]}" if tail else "")
 
     # --- reading and control ---------------------------------------------------------------------------------------
 
@@ -248,23 +250,61 @@ def start(folder: str | os.PathLike[str], lake: str | os.PathLike[str], *, worke
     return job
 
 
-def current(lake: str | os.PathLike[str]) -> Job | None:
+def join_output(lake: str | os.PathLike[str], left: str, right: str, measure: str, k: int | None,
+                threshold: float | None) -> Path:
+    """Where the app keeps a join's pairs: imgrec's cache folder (never the lake: a viewer may join too)."""
+    import hashlib
+
+    from imgrec.config import cache_dir
+
+    key = _key(lake)
+    name = hashlib.blake2b(repr((left, right, measure, k, threshold)).encode(), digest_size=8).hexdigest()
+    return cache_dir() / "joins" / hashlib.blake2b(key.encode(), digest_size=8).hexdigest() / f"{name}.parquet"
+
+
+def start_join(lake: str | os.PathLike[str], left: str, right: str, measure: str, *, k: int | None = None,
+               threshold: float | None = None) -> Job:
+    """Run ``imgrec join`` in the background, its pairs into ``join_output(...)``; one join per lake at a time."""
+    key = _key(lake)
+    out = join_output(key, left, right, measure, k, threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "imgrec.cli", "join", left, right, "--lake", key, "--measure", measure,
+            "--out", str(out), "--progress-json", "--quiet"]
+    argv += ["--k", str(int(k))] if k is not None else ["--threshold", repr(float(threshold or 0.0))]
+    with _LOCK:
+        current = _JOBS.get("join:" + key)
+        if current is not None and current.running:
+            raise JobError("a join of this lake is already running; wait for it to finish or stop it first")
+        job = Job(key, f"{left} ~ {right}", argv, kind="join")
+        try:
+            job._spawn()
+        except OSError as exc:
+            raise JobError(f"cannot start the join: {exc}") from None
+        _JOBS["join:" + key] = job
+    return job
+
+
+def _slot(lake: str | os.PathLike[str], kind: str) -> str:
+    return ("join:" if kind == "join" else "") + _key(lake)
+
+
+def current(lake: str | os.PathLike[str], kind: str = "ingestion") -> Job | None:
     """The running or last job of ``lake`` in this process (None if none, or dismissed)."""
     with _LOCK:
-        return _JOBS.get(_key(lake))
+        return _JOBS.get(_slot(lake, kind))
 
 
-def stop(lake: str | os.PathLike[str]) -> bool:
-    job = current(lake)
+def stop(lake: str | os.PathLike[str], kind: str = "ingestion") -> bool:
+    job = current(lake, kind)
     return job.stop() if job is not None else False
 
 
-def dismiss(lake: str | os.PathLike[str]) -> None:
+def dismiss(lake: str | os.PathLike[str], kind: str = "ingestion") -> None:
     """Forget the finished job of ``lake`` (a running one is kept)."""
     with _LOCK:
-        job = _JOBS.get(_key(lake))
+        job = _JOBS.get(_slot(lake, kind))
         if job is not None and not job.running:
-            del _JOBS[_key(lake)]
+            del _JOBS[_slot(lake, kind)]
 
 
 def all_jobs() -> list[Job]:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from imgrec.search import Engine, Query, SearchResponse
 
 LAKE_KEY = "imgrec_lake"  # session-state key of the sidebar's lake field
+ADMIN_KEY = "imgrec_admin"  # this session signed in as admin (shared mode)
+PASSWORD_KEY = "imgrec_admin_password"  # the sign-in field (cleared once checked)
 CHOSEN_KEY = "imgrec_lake_chosen"  # the lake chosen in this session; outlives page switches (widget state does not)
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MEASURE_HELP = {
@@ -46,13 +48,92 @@ def default_lake() -> Path:
 
 
 def lake_path() -> Path:
-    """The lake every page uses: the sidebar's value if the person typed one, else the configured default."""
+    """The lake every page uses: the sidebar's value if the person typed one (and may: see ``is_admin``), else the
+    configured default."""
     from imgrec.config import resolve_lake
 
+    if not is_admin():  # a viewer's session state never picks the lake, whatever it holds
+        return resolve_lake()
     chosen = st.session_state.get(CHOSEN_KEY)
     if isinstance(chosen, str) and chosen.strip():
         return resolve_lake(chosen.strip())
     return resolve_lake()
+
+
+# --- who may do what -----------------------------------------------------------------------------------------------
+
+
+def app_mode() -> str:
+    """``private`` (listening on loopback only, the project's default) or ``shared`` (``IMGREC_MODE=shared``, or
+    listening beyond loopback): see ``imgrec.access``."""
+    from imgrec import access
+
+    return access.mode(st.get_option("server.address"))
+
+
+def admin_password() -> str | None:
+    """The admin password: ``$IMGREC_ADMIN_PASSWORD``, else ``admin_password`` in Streamlit's secrets."""
+    import os
+
+    from imgrec import access
+
+    if os.environ.get(access.PASSWORD_ENV):
+        return os.environ[access.PASSWORD_ENV]
+    try:
+        value = st.secrets.get("admin_password")
+    except Exception:  # no secrets file
+        return None
+    return str(value) if value else None
+
+
+def is_admin() -> bool:
+    """Whether this session may change the lake: always in private mode; in shared mode once signed in."""
+    return app_mode() == "private" or bool(st.session_state.get(ADMIN_KEY))
+
+
+def require_admin(action: str) -> None:
+    """Refuse (``access.Forbidden``) an admin action in a viewer's session: checked where the action happens, so a
+    request for it that the page did not offer is refused too."""
+    from imgrec import access
+
+    if not is_admin():
+        raise access.Forbidden(f"only an admin can {access.describe(action)} on this shared server")
+
+
+def _sign_in() -> None:
+    import time
+
+    from imgrec import access
+
+    given = st.session_state.get(PASSWORD_KEY) or ""
+    st.session_state[PASSWORD_KEY] = ""  # not kept in the session
+    if access.same_secret(given, admin_password()):
+        st.session_state[ADMIN_KEY] = True
+    else:
+        time.sleep(0.5)  # a slower guess; the comparison itself takes the same time either way
+        st.session_state["imgrec_admin_refused"] = True
+
+
+def _sign_out() -> None:
+    st.session_state[ADMIN_KEY] = False
+
+
+def admin_box() -> None:
+    """Shared mode: sign in as admin (or out), in the sidebar."""
+    if app_mode() != "shared":
+        return
+    if st.session_state.get(ADMIN_KEY):
+        st.caption("Signed in as admin.")
+        st.button("Sign out", on_click=_sign_out, key="imgrec_sign_out")
+        return
+    if admin_password() is None:
+        st.caption("Shared server: search and browse. (No admin password is set, so nothing here changes the lake.)")
+        return
+    with st.expander("Admin", expanded=False):
+        st.text_input("Admin password", type="password", key=PASSWORD_KEY, on_change=_sign_in,
+                      help="unlocks the lake folder, ingestion and adding uploads for this session")
+        if st.session_state.pop("imgrec_admin_refused", False):
+            st.error("Wrong password.")
 
 
 # --- the engine ---------------------------------------------------------------------------------------------------
@@ -154,12 +235,15 @@ def sidebar() -> LakeStatus:
         st.session_state[CHOSEN_KEY] = st.session_state[LAKE_KEY]
 
     with st.sidebar:
-        st.text_input(
-            "Lake folder", key=LAKE_KEY, on_change=chosen,
-            help="The Parquet lake to search (default: $IMGREC_LAKE, else data/lake). Build or extend one with "
-                 "`imgrec ingest FOLDER --lake DIR`.",
-        )
+        if is_admin():
+            st.text_input(
+                "Lake folder", key=LAKE_KEY, on_change=chosen,
+                help="The Parquet lake to search (default: $IMGREC_LAKE, else data/lake). Build or extend one with "
+                     "`imgrec ingest FOLDER --lake DIR`.",
+            )
         status = lake_status()
+        if not is_admin():
+            st.caption(f"Collection: {status.path.name}")
         if status.error:
             st.error(status.error)
         elif not status.exists:
@@ -169,6 +253,7 @@ def sidebar() -> LakeStatus:
             st.caption(f"snapshot {status.snapshot}")
             if status.note:
                 st.caption(status.note)
+        admin_box()
     return status
 
 
@@ -176,6 +261,8 @@ def page_start(title: str, icon: str, *, need_images: bool = True) -> LakeStatus
     """A page's opening: its config and title, the sidebar; stops the page with a message when the lake cannot be
     read or (with ``need_images``) has nothing to show yet."""
     st.set_page_config(page_title=f"{title} · imgrec", page_icon=icon, layout="wide")
+    # less of Streamlit's empty band above the title: on a 1280x800 window the results come on the first screen
+    st.html("<style>[data-testid='stMainBlockContainer']{padding-top:2.5rem}</style>")
     st.title(title)
     status = sidebar()
     if status.error:

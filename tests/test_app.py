@@ -18,7 +18,7 @@ from imgrec.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
-SEARCH = ROOT / "pages" / "1_Search.py"
+SEARCH = ROOT / "app_pages" / "1_Search.py"
 TIMEOUT = 60  # seconds per script run (the first upload search loads the embedding model)
 RESULT = re.compile(r"^\*\*#(\d+) · (\d\.\d{3})\*\*$")
 
@@ -101,7 +101,7 @@ def search_page() -> AppTest:
     """The app as a browser opens it, then its Search page (from the sidebar's page list)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
-    return at.switch_page("pages/1_Search.py").run()
+    return at.switch_page("app_pages/1_Search.py").run()
 
 
 def texts(at: AppTest) -> str:
@@ -143,10 +143,17 @@ def pick(at: AppTest, n: int = 1) -> list[int]:
 # --- a missing lake -----------------------------------------------------------------------------------------------
 
 
-def test_home_on_a_missing_lake(missing_lake: Path) -> None:
+def lake_page() -> AppTest:
+    """The app, then its Lake page (the lake at a glance)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
-    assert at.title[0].value == "imgrec"
+    return at.switch_page("app_pages/0_Lake.py").run()
+
+
+def test_the_app_opens_on_search_even_on_a_missing_lake(missing_lake: Path) -> None:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.title[0].value == "Search"  # the job people come for
     info = " ".join(i.value for i in at.info)
     assert "There is no lake at" in info and f"imgrec ingest FOLDER --lake {missing_lake}" in info
     assert at.sidebar.text_input(key="imgrec_lake").value == str(missing_lake)
@@ -179,8 +186,8 @@ def test_lake_is_an_unreadable_path(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # --- a filled lake ------------------------------------------------------------------------------------------------
 
 
-def test_home_shows_the_lake(filled_lake: Path) -> None:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+def test_the_lake_page_shows_the_lake(filled_lake: Path) -> None:
+    at = lake_page()
     assert not at.exception and not at.error
     metrics = {m.label: m.value for m in at.main.metric}
     assert metrics["Images"] == "12" and metrics["Collections"] == "1"
@@ -210,7 +217,7 @@ def test_pick_search_and_more_like_this(filled_lake: Path) -> None:
     target = int(more[0].key.removeprefix("more_"))
     more[0].click().run()
     assert not at.exception and not at.error
-    assert at.subheader[-1].value == f"More like #{target}"
+    assert at.main.subheader[-1].value == f"More like #{target}"
     assert [r for r, _ in results(at)] == [1, 2, 3, 4, 5]
     assert f"more_{target}" not in {b.key for b in at.button}  # exclude_query=True
 
@@ -235,7 +242,7 @@ def test_upload_search(filled_lake: Path, filled: tuple[Path, dict[str, bytes]])
     at.run()
     button(at, "Search").click().run()
     assert not at.exception and not at.error
-    assert at.subheader[-1].value == "Results for circle.jpg"
+    assert at.main.subheader[-1].value == "Results for circle.jpg"
     assert [r for r, _ in results(at)] == [1, 2, 3, 4, 5]
     assert [c.value for c in at.caption].count("circle.jpg") == 2  # the query, above and with the results
     # with the query left out (the default) its own file, found by its content hash, is not a result
@@ -275,12 +282,12 @@ def test_more_than_five_images_is_a_clear_error(filled_lake: Path, filled: tuple
 
 
 def test_sidebar_lake_overrides_the_environment(filled: tuple[Path, dict[str, bytes]], missing_lake: Path) -> None:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = lake_page()
     assert at.info  # $IMGREC_LAKE points at nothing
     at.sidebar.text_input(key="imgrec_lake").input(str(filled[0])).run()
     assert not at.exception and not at.info
     assert {m.label: m.value for m in at.main.metric}["Images"] == "12"
-    at.switch_page("pages/1_Search.py").run()
+    at.switch_page("app_pages/1_Search.py").run()
     assert len(at.multiselect(key="picked").options) == 12  # the page uses the sidebar's lake too
 
 
@@ -288,7 +295,7 @@ def test_app_picks_up_a_lake_filled_while_it_runs(filled: tuple[Path, dict[str, 
     from pipelines.index import build_indexes
     from pipelines.ingest import ingest
 
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = lake_page()
     assert any("There is no lake at" in i.value for i in at.info)
     config = Config.load(missing_lake, workers=1)
     ingest([filled[0].parent / "pictures"], config, progress=False, build_index=False, log=lambda s: None)
@@ -347,7 +354,7 @@ def test_add_a_result_to_the_query_and_less_like_this(filled_lake: Path) -> None
     assert not at.exception and not at.error
     keys = result_keys(at)
     assert f"more_{second}" not in keys and f"more_{first}" not in keys and f"more_{query}" not in keys
-    assert at.subheader[-1].value == f"Results for #{query}, #{first}"
+    assert at.main.subheader[-1].value == f"Results for #{query}, #{first}"
     button(at, "Clear the negative examples").click().run()
     assert "Less like these" not in texts(at)
 

@@ -11,6 +11,7 @@ fail, so that CI cannot pass without running them (`.ci/run` installs Debian's c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ SEARCH_TIMEOUT_MS = 60_000  # the first upload search loads the embedding model
 PAGE_TIMEOUT_MS = 30_000
 SETTLE_MS = 700
 VIEWPORT = {"width": 1400, "height": 1000}
+FIRST_SCREEN = {"width": 1280, "height": 800}  # what shows without scrolling must fit in this
 MAX_SHOT_HEIGHT = 8000
 RESULT_LABEL = re.compile(r"^#(\d+) · (-?\d+\.\d{3})$")  # the card's "**#<rank> · <score>**" line, rendered
 
@@ -162,16 +164,15 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "lake"
 
 
-@pytest.fixture(scope="module")
-def server(browser: Browser, lake: Path, artifacts: Path) -> Iterator[str]:
-    """`streamlit run app.py` on a free loopback port, over the test's lake; its base URL."""
+@contextlib.contextmanager
+def _serve(lake: Path, log_path: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free loopback port, over ``lake``; its base URL."""
     port = _free_port()
     env = {**os.environ, "IMGREC_LAKE": str(lake), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
            # no file watcher: an edit of a page during the test would otherwise show "Source file changed"
            "--server.fileWatcherType", "none"]
-    log_path = artifacts / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -187,6 +188,13 @@ def server(browser: Browser, lake: Path, artifacts: Path) -> Iterator[str]:
     finally:
         _stop(proc)
         print(f"\nserver log: {log_path}")
+
+
+@pytest.fixture(scope="module")
+def server(browser: Browser, lake: Path, artifacts: Path) -> Iterator[str]:
+    """The app over the test's lake."""
+    with _serve(lake, artifacts / "server.log") as base:
+        yield base
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -299,9 +307,12 @@ def _pages(pg: Page, base: str) -> list[tuple[str, str]]:
 def test_every_page_renders(page: Page, server: str, artifacts: Path) -> None:
     from playwright.sync_api import expect
 
+    page.goto(server + "/")
+    expect(page.get_by_test_id("stMain").locator("h1").first).to_have_text("Search")  # the app opens on Search
     pages = _pages(page, server)
     names = [n for n, _ in pages]
-    assert names[0] == "home" and "Search" in names, f"sidebar pages: {names}"
+    assert names[0] == "home" and {"Collection", "Join", "Explorer", "Quality", "Profiling", "Lake"} <= set(names), \
+        f"sidebar pages: {names}"
     for i, (name, url) in enumerate(pages):
         page.goto(url)
         expect(page.get_by_test_id("stMain").locator("h1").first, f"{name}: title").to_be_visible()
@@ -331,9 +342,13 @@ def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: P
     from playwright.sync_api import expect
 
     query = save(synthetic_image(1234), tmp_path / "query_photo.jpg")  # not in the lake
-    page.goto(server + "/Search")
+    page.set_viewport_size(FIRST_SCREEN)
+    page.goto(server + "/")  # where the app opens
     expect(page.get_by_role("tab", name="Upload images")).to_be_visible()
     _settle(page, "search page")
+    uploader = page.get_by_test_id("stFileUploader").first.bounding_box()
+    assert uploader and uploader["y"] + uploader["height"] <= FIRST_SCREEN["height"], \
+        f"the upload box is not on the first screen of a 1280x800 window: {uploader}"
 
     page.get_by_role("tab", name="Upload images").click()
     page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(str(query))
@@ -343,6 +358,14 @@ def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: P
     expect(search).to_be_enabled()
 
     first = _click_and_check(page, artifacts, search, r"^Results for", "upload search", "search_1_upload_results")
+    page.set_viewport_size(FIRST_SCREEN)
+    page.get_by_test_id("stMain").evaluate("e => e.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
+    page.screenshot(path=artifacts / "search_first_screen_1280x800.png")
+    score = page.get_by_text(RESULT_LABEL).first.bounding_box()  # the first card's "#1 · score", below its picture
+    assert score and score["y"] + score["height"] <= FIRST_SCREEN["height"], \
+        f"the first result is not on the first screen of a 1280x800 window: {score}"
+    page.set_viewport_size(VIEWPORT)
     top = page.get_by_role("button", name="More like this").first
     top.scroll_into_view_if_needed()
     second = _click_and_check(page, artifacts, top, r"^More like #\d+", "more like this", "search_2_more_like_this")
@@ -352,3 +375,61 @@ def test_upload_search_then_more_like_this(page: Page, server: str, artifacts: P
 
     assert key(second) != key(first), f"'More like this' did not change the results: {key(first)}"
     assert [c["captions"] for c in second] != [c["captions"] for c in first], "same images after 'More like this'"
+
+
+# Every chart's marks, read in the page: per Vega-Lite chart, how many of its marks have an area on screen (an
+# "empty axis and no bar" chart has none).
+CHART_MARKS_JS = r"""
+() => [...document.querySelectorAll('[data-testid="stMain"] [data-testid="stVegaLiteChart"]')].map(c => {
+  const marks = [...c.querySelectorAll('g[class*="mark-"] path, g[class*="mark-"] rect')]
+    .filter(m => { const b = m.getBoundingClientRect(); return b.width > 0.5 && b.height > 0.5; });
+  return {marks: marks.length, height: c.getBoundingClientRect().height};
+})
+"""
+
+
+@pytest.fixture(scope="module")
+def odd_lakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A lake of JPEGs only, all in one folder (with a map), and a lake whose only image was removed (empty)."""
+    from imgrec.config import Config
+    from pipelines.project import Params, project
+
+    base = tmp_path_factory.mktemp("odd")
+    for i in range(8):
+        save(synthetic_image(300 + i), base / "jpegs" / f"photo_{i}.jpg")
+    ingest_quietly(base / "jpegs", base / "one_format")
+    project(Config.load(base / "one_format").lake, "embedding", Params())
+    save(synthetic_image(1), base / "gone" / "x.jpg")
+    ingest_quietly(base / "gone", base / "empty")
+    (base / "gone" / "x.jpg").unlink()
+    ingest_quietly(base / "gone", base / "empty")
+    return {"one format, one folder": base / "one_format", "empty": base / "empty"}
+
+
+@pytest.mark.parametrize("kind", ["one format, one folder", "empty"])
+def test_every_chart_of_every_page_draws_its_marks(browser: Browser, odd_lakes: dict[str, Path], artifacts: Path,
+                                                   kind: str) -> None:
+    """On a lake of one format and one folder, and on an empty one, every page renders without an exception and
+    every chart shows marks (a one-format lake's Formats chart once drew an empty axis)."""
+    context = browser.new_context(viewport=VIEWPORT)
+    context.route(re.compile(r"^(?!https?://(127\.0\.0\.1|localhost)[:/]).*"), lambda route: route.abort())
+    pg = context.new_page()
+    pg.set_default_timeout(PAGE_TIMEOUT_MS)
+    slug = re.sub(r"[^a-z]+", "_", kind)
+    try:
+        with _serve(odd_lakes[kind], artifacts / f"server_{slug}.log") as base:
+            charts = {}
+            from playwright.sync_api import expect
+
+            for name, url in _pages(pg, base):
+                pg.goto(url)
+                expect(pg.get_by_test_id("stMain").locator("h1").first, f"{kind}: {name}: title").to_be_visible()
+                _settle(pg, f"{kind}: {name}")
+                charts[name] = pg.evaluate(CHART_MARKS_JS)
+                _shot(pg, artifacts, f"odd_{slug}_{re.sub(r'[^A-Za-z0-9_-]+', '_', name)}")
+            empty = {n: c for n, c in charts.items() if any(x["marks"] == 0 for x in c)}
+            assert not empty, f"{kind}: charts without marks: {empty}"
+            if kind != "empty":
+                assert charts["Collection"] and len(charts["Collection"]) >= 3, charts  # formats, sizes, dimensions
+    finally:
+        context.close()

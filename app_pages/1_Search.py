@@ -155,6 +155,7 @@ def _add_uploads(status: ui.LakeStatus, files: list[Any]) -> None:
     """Keep the uploads the person asked to add: into <lake>/uploads, then a background ingestion of that folder."""
     from imgrec import jobs
 
+    ui.require_admin("keep_uploads")
     config = status.engine.config
     folder, saved, problems = ui.save_uploads(status.path, [(f.name, f.getvalue()) for f in files],
                                               config.max_upload_bytes, config.max_pixels)
@@ -191,18 +192,19 @@ def _id_previews(status: ui.LakeStatus, ids: list[int]) -> list[tuple[str, bytes
     return [(names.get(i, f"#{i}"), thumbs.get(i)) for i in ids]
 
 
-def _show_queries(previews: list[tuple[str, bytes | None]]) -> None:
-    cols = st.columns(8)
-    for col, (name, thumb) in zip(cols, previews, strict=False):
-        with col:
-            if thumb:
-                st.image(thumb, width="stretch")
-            st.caption(name)
+def _show_queries(previews: list[tuple[str, bytes | None]], width: int = 72) -> None:
+    """The query images in one compact row (thumbnails with their names)."""
+    shown = [(name, thumb) for name, thumb in previews if thumb]
+    if shown:
+        st.image([t for _, t in shown], width=width, caption=[n for n, _ in shown])
+    missing = [name for name, thumb in previews if not thumb]
+    if missing:
+        st.caption(", ".join(missing))
 
 
 def _options() -> dict[str, Any]:
     """The search settings from the widgets (measure, distance, k or threshold, filters, weights)."""
-    c1, c2, c3, c4 = st.columns([2, 2, 3, 2], vertical_alignment="bottom")
+    c1, c2 = st.columns(2, vertical_alignment="bottom")
     measure = c1.selectbox("Measure", MEASURES, index=MEASURES.index("mix"), key="measure",
                            help="  \n".join(f"**{m}**: {text}" for m, text in ui.MEASURE_HELP.items()))
     if measure == "mix":
@@ -211,15 +213,15 @@ def _options() -> dict[str, Any]:
         distance = None
     else:
         distance = c2.selectbox("Distance", DISTANCES[measure], key=f"distance_{measure}")
-    mode = c4.radio("Mode", ["Top k", "Range"], key="mode", horizontal=True,
+    mode = st.radio("Mode", ["Top k", "Range"], key="mode", horizontal=True,
                     help="Top k: the k best images. Range: every image scoring at least the threshold "
                          "(up to 1000).")
     if mode == "Range":
-        threshold = c3.slider("Similarity at least", 0.0, 1.0, 0.8, 0.01, key="threshold")
+        threshold = st.slider("Similarity at least", 0.0, 1.0, 0.8, 0.01, key="threshold")
         k = MAX_K
     else:
         threshold = None
-        k = c3.slider("Results (k)", 1, MAX_K, 5, key="k")
+        k = st.slider("Results (k)", 1, MAX_K, 5, key="k")
     exclude = st.checkbox("Leave the query images out", value=True, key="exclude_query",
                           help="drop the query images themselves (and exact copies) from the results")
     opts: dict[str, Any] = {"measure": measure, "k": k, "distance": distance, "threshold": threshold,
@@ -234,27 +236,24 @@ def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
         folders = _cached(status, "folders", lambda: browse.folders(status.engine))
         labels = _cached(status, "labels", lambda: browse.label_counts(status.engine))
         collections = sorted({f["collection"] for f in folders})
-        f1, f2, f3 = st.columns(3)
-        opts["collections"] = f1.multiselect("Collections", collections, key="f_collections") or None
+        opts["collections"] = st.multiselect("Collections", collections, key="f_collections") or None
         folder_names = sorted({f["folder"] for f in folders if f["folder"]})
-        opts["folders"] = f2.multiselect("Folders (with sub-folders)", folder_names, key="f_folders") or None
+        opts["folders"] = st.multiselect("Folders (with sub-folders)", folder_names, key="f_folders") or None
         counts = dict(labels)
-        opts["labels"] = f3.multiselect("Predicted label", [lab for lab, _ in labels], key="f_labels",
+        opts["labels"] = st.multiselect("Predicted label", [lab for lab, _ in labels], key="f_labels",
                                         format_func=lambda lab: f"{lab} ({counts.get(lab, 0)})") or None
         st.markdown("**Mix weights** (used by the *mix* measure)")
         defaults = status.engine.config.weights
-        w1, w2, w3 = st.columns(3)
         weights = {
-            "embedding": w1.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.85)), 0.05, key="w_embedding"),
-            "color": w2.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.1)), 0.05, key="w_color"),
-            "hash": w3.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.3)), 0.05, key="w_hash"),
+            "embedding": st.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.85)), 0.05, key="w_embedding"),
+            "color": st.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.1)), 0.05, key="w_color"),
+            "hash": st.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.3)), 0.05, key="w_hash"),
         }
         opts["weights"] = weights if opts["measure"] == "mix" else None
-        a1, a2 = st.columns(2)
-        opts["aggregate"] = a1.selectbox(
+        opts["aggregate"] = st.selectbox(
             "Several query images", ["softmin", "mean", "min"], key="aggregate",
             help="softmin: close to every query image (default); mean: average; min: the worst match counts")
-        opts["negative_weight"] = a2.slider(
+        opts["negative_weight"] = st.slider(
             "Weight of 'less like this'", 0.0, 1.0, 0.5, 0.05, key="negative_weight",
             help="the score loses this times the image's similarity to its closest negative example")
 
@@ -366,23 +365,24 @@ def _card(status: ui.LakeStatus, r: Any, state: dict[str, Any], mix: bool) -> No
         _details_dialog(status, r, state)
 
 
-def _show_result(status: ui.LakeStatus, state: dict[str, Any]) -> None:
+def _show_result(status: ui.LakeStatus, state: dict[str, Any], shown_above: list[Any]) -> None:
     t0 = time.perf_counter()
     resp = state["response"]
     st.subheader(state["title"])
-    _show_queries(state["queries"])
+    if state["queries"] != shown_above:  # the same query images are right above
+        _show_queries(state["queries"], width=48)
     if state["negatives"]:
         st.caption("less like:")
-        _show_queries(state["negatives"])
+        _show_queries(state["negatives"], width=48)
     total = resp.timings_ms.get("total", sum(resp.timings_ms.values()))
     threshold = state.get("opts", {}).get("threshold")
     mode = f" · every image scoring at least {threshold:.2f}" if threshold is not None else ""
     st.markdown(f"**{len(resp.results)} results** · {resp.measure} ({resp.distance}) · "
                 f"{resp.candidates:,} candidates · query time **{total:.1f} ms**{mode}")
-    st.caption(f"stages: {ui.format_timings(resp.timings_ms)}")
-    if resp.measure == "mix":
-        st.html(" ".join(f'<span style="color:{c}">■</span> {m}' for m, c in ui.MEASURE_COLORS.items())
-                + " <span style='color:#888'>: what each measure contributed to the score</span>")
+    legend = (" · " + " ".join(f'<span style="color:{c}">■</span> {m}' for m, c in ui.MEASURE_COLORS.items())
+              + " contributed to the score") if resp.measure == "mix" else ""
+    st.html(f"<span style='color:#888;font-size:0.85em'>stages: {ui.format_timings(resp.timings_ms)}{legend}"
+            "</span>")
     if not resp.results:
         st.info("No image of the lake matches (all were excluded or filtered out, or none reaches the threshold).")
         return
@@ -422,17 +422,14 @@ with upload_tab:
     files = st.file_uploader(
         f"1 to {ui.MAX_QUERY_IMAGES} query images", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
         key="uploads", max_upload_size=max_mb,
+        help="Uploads are searched in memory, never written to disk, and forgotten when this session ends.",
     ) or []
-    neg_files = st.file_uploader(
-        "Less like these (optional negative examples)", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
-        key="neg_uploads", max_upload_size=max_mb,
-    ) or []
-    if files:
-        st.caption("Uploads are searched in memory, never written to disk, and forgotten when this session ends.")
-        if st.button("Add these uploads to the lake", key="add_uploads", icon=":material/add_photo_alternate:",
-                     help="copy the query images above into the lake's own uploads folder and ingest them in the "
-                          "background, so that they become searchable images of the collection"):
-            _add_uploads(status, files)
+    with st.expander("Less like these (optional negative examples)", icon=":material/thumb_down:"):
+        neg_files = st.file_uploader(
+            "Negative examples", type=list(ui.UPLOAD_TYPES), accept_multiple_files=True,
+            key="neg_uploads", max_upload_size=max_mb, label_visibility="collapsed",
+        ) or []
+
 with pick_tab:
     rows = _sample(status)
     names: dict[int, str] = st.session_state.setdefault("pick_names", {})
@@ -453,31 +450,42 @@ with folder_tab:
 with name_tab:
     _name_tab(status)
 
-opts = _options()
-_filters(status, opts)
+with st.sidebar:  # the settings beside the page, so that the results come right below the query images
+    st.subheader("Search settings")
+    opts = _options()
+    _filters(status, opts)
 
 uploads = [(f.name, f.getvalue()) for f in files]
 neg_uploads = [(f.name, f.getvalue()) for f in neg_files]
 neg_ids = [int(i) for i in st.session_state.get(NEG_KEY, [])]
 previews = _upload_previews(files, "upload_thumbs") + _id_previews(status, list(picked))
 neg_previews = _upload_previews(neg_files, "neg_upload_thumbs") + _id_previews(status, neg_ids)
-if previews:
-    st.markdown(f"**Query images** ({len(previews)})")
-    _show_queries(previews)
-if neg_previews:
-    st.markdown(f"**Less like these** ({len(neg_previews)})")
-    _show_queries(neg_previews)
-    if neg_ids:
-        st.button("Clear the negative examples", on_click=_clear_negatives, icon=":material/clear:")
 n_queries = len(previews)
 too_many = n_queries > ui.MAX_QUERY_IMAGES
 if too_many:
     st.error(f"At most {ui.MAX_QUERY_IMAGES} query images at a time: you gave {n_queries} "
              f"({len(uploads)} uploaded, {len(picked)} picked). Remove {n_queries - ui.MAX_QUERY_IMAGES}.")
-clicked = st.button("Search", type="primary", icon=":material/search:", disabled=too_many or n_queries == 0,
-                    help=None if n_queries else "upload or pick an image first")
-if n_queries == 0:
-    st.caption(f"Upload 1 to {ui.MAX_QUERY_IMAGES} images or pick some from the collection, then search.")
+# the query images, their negatives and the buttons in one row: the results come right below
+q1, q2 = st.columns([3, 1], vertical_alignment="center")
+with q1:
+    if previews:
+        _show_queries(previews, width=64)
+    if neg_previews:
+        st.markdown(f"**Less like these** ({len(neg_previews)})")
+        _show_queries(neg_previews, width=48)
+    if n_queries == 0:
+        st.caption(f"Upload 1 to {ui.MAX_QUERY_IMAGES} images or pick some from the collection, then search.")
+with q2:
+    clicked = st.button("Search", type="primary", icon=":material/search:", disabled=too_many or n_queries == 0,
+                        help=None if n_queries else "upload or pick an image first", width="stretch")
+    if files and ui.is_admin() and st.button(
+            "Add to the lake", key="add_uploads", icon=":material/add_photo_alternate:", width="stretch",
+            help="copy the uploaded query images into the lake's own uploads folder and ingest them in the "
+                 "background, so that they become searchable images of the collection"):
+        _add_uploads(status, files)
+    if neg_ids:
+        st.button("Clear the negative examples", on_click=_clear_negatives, icon=":material/clear:",
+                  width="stretch")
 
 more = st.session_state.pop(MORE_KEY, None)
 if clicked:
@@ -490,5 +498,4 @@ elif more is not None:
 
 result = st.session_state.get(RESULT_KEY)
 if result is not None and result["lake"] == str(status.path):
-    st.divider()
-    _show_result(status, result)
+    _show_result(status, result, previews)

@@ -74,8 +74,9 @@ def _mb(n: int | float | None) -> str:
 
 
 def _bar(rows: list[dict[str, Any]], x: str, y: str, *, sort: str | list[str] | None = None, color: str | None = None,
-         horizontal: bool = False, height: int = 260) -> None:
-    """An Altair bar chart of ``rows`` (count ``y`` per category ``x``)."""
+         horizontal: bool = False, height: int = 260, step: int = 24) -> None:
+    """An Altair bar chart of ``rows`` (count ``y`` per category ``x``); a horizontal one is ``step`` px a category
+    (a fixed pixel height left no room for the bar of a single category: an empty axis on a lake of one format)."""
     import altair as alt
 
     if not rows:
@@ -90,19 +91,21 @@ def _bar(rows: list[dict[str, Any]], x: str, y: str, *, sort: str | list[str] | 
     enc["tooltip"] = [f"{x}:N", f"{y}:Q"] + ([f"{color}:N"] if color else [])
     if color:
         enc["color"] = alt.Color(f"{color}:N", title=None)
-    st.altair_chart(alt.Chart(data).mark_bar().encode(**enc).properties(height=height), width="stretch")
+    size = alt.Step(step) if horizontal else height
+    st.altair_chart(alt.Chart(data).mark_bar().encode(**enc).properties(height=size), width="stretch")
 
 
 # --- adding a folder -----------------------------------------------------------------------------------------------
 
 
 def _start(lake: str) -> None:
-    from imgrec import jobs
+    from imgrec import access, jobs
 
     st.session_state.pop(START_ERROR_KEY, None)
     try:
+        ui.require_admin("ingest")
         jobs.start(st.session_state.get(FOLDER_KEY, ""), lake)
-    except jobs.JobError as exc:
+    except (jobs.JobError, access.Forbidden) as exc:
         st.session_state[START_ERROR_KEY] = (lake, str(exc))
     except Exception as exc:  # never a traceback on the page
         log.exception("cannot start an ingestion")
@@ -112,12 +115,14 @@ def _start(lake: str) -> None:
 def _stop(lake: str) -> None:
     from imgrec import jobs
 
+    ui.require_admin("stop_ingest")
     jobs.stop(lake)
 
 
 def _dismiss(lake: str) -> None:
     from imgrec import jobs
 
+    ui.require_admin("stop_ingest")
     jobs.dismiss(lake)
 
 
@@ -171,6 +176,9 @@ def _ingest_panel(status: ui.LakeStatus) -> None:
     from imgrec import jobs
 
     lake = str(status.path)
+    if not ui.is_admin():
+        st.caption("Adding folders to the lake is for the admin of this shared server (sign in from the sidebar).")
+        return
     job = jobs.current(lake)
     running = job is not None and job.running
     if job is not None and not st.session_state.get(FOLDER_KEY):  # back on the page: the job's folder, to resume
@@ -220,7 +228,7 @@ def _show_overview(status: ui.LakeStatus, data: dict[str, Any]) -> None:
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Formats** (images)")
-        _bar(ov.formats, "format", "images", sort="-x", horizontal=True, height=40 + 26 * len(ov.formats))
+        _bar(ov.formats, "format", "images", sort="-x", horizontal=True, step=26)
     with c2:
         st.markdown("**File sizes** (images per size range)")
         _bar(data["sizes"], "bin", "images", sort=[r["bin"] for r in data["sizes"]])
@@ -237,7 +245,7 @@ def _show_overview(status: ui.LakeStatus, data: dict[str, Any]) -> None:
     st.markdown("**What the model sees most** (the top ImageNet label of each image)")
     labels = data["labels"]
     if labels:
-        _bar(labels, "label", "images", sort="-x", horizontal=True, height=22 * len(labels))
+        _bar(labels, "label", "images", sort="-x", horizontal=True, step=22)
         st.caption(f"{ov.labelled:,} of {ov.images:,} images labelled; the table has each label's mean "
                    "probability")
         with st.expander("Labels table"):
@@ -297,7 +305,7 @@ def _show_duplicates(status: ui.LakeStatus) -> None:
     st.caption("**Duplicates are the same picture**: exact copies (identical bytes), or near copies (resized, "
                "re-encoded, recompressed; perceptual hashes a few bits apart). Pictures that are only alike (the "
                "same subject, another shot) are not duplicates: find those with the **Search** page.")
-    st.page_link("pages/1_Search.py", label="Similar pictures: the Search page", icon=":material/image_search:")
+    st.page_link("app_pages/1_Search.py", label="Similar pictures: the Search page", icon=":material/image_search:")
     shown = st.select_slider("Groups shown (largest first)", [5, 10, 20, 50, 100, MAX_GROUPS], 10,
                              key="collection_groups_shown")
 

@@ -26,7 +26,7 @@ THUMB_POINTS = 2000  # hover thumbnails only up to this many points
 THUMB_PX = 64
 MAX_3D = 20_000
 REGION_IMAGES = 24
-SEARCH_PAGE = "pages/1_Search.py"
+SEARCH_PAGE = "app_pages/1_Search.py"
 COLOR_BY = {"cluster": "Cluster", "top": "Top folder", "collection": "Collection", "label": "Predicted label",
             "mean": "Mean colour"}
 METHOD_NAMES = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}
@@ -120,6 +120,7 @@ def _open_in_search(image_id: int, name: str) -> None:
 def _make_map(status: ui.LakeStatus) -> None:
     from pipelines.project import Params, project
 
+    ui.require_admin("make_map")
     with st.spinner("Mapping every image (PCA + UMAP, 2D, embeddings)…"):
         project(status.path, "embedding", Params())
     st.cache_resource.clear()
@@ -129,7 +130,7 @@ def _no_map(status: ui.LakeStatus) -> None:
     st.info(f"The lake has no map yet. Make one from a terminal:\n\n"
             f"```\nimgrec project --lake {status.path}\n```\n\n(every map: `--features embedding color --method "
             "umap tsne pca --dims 2 3`; then `--evaluate` for the figures of *What the map shows*).")
-    if status.size <= 50_000:
+    if status.size <= 50_000 and ui.is_admin():
         if st.button("Make the map now (UMAP 2D of the embeddings)", type="primary", icon=":material/scatter_plot:"):
             try:
                 _make_map(status)
