@@ -24,24 +24,36 @@ sys.path.insert(0, str(ROOT))
 
 
 def one(lake: str, measure: str, k: int | None, threshold: float | None, sample: int) -> dict:
+    import tempfile
+
+    import pyarrow.parquet as pq
+
     from imgrec import join as J
     from imgrec.config import DISTANCES, Config
-    from imgrec.search import Engine
+    from imgrec.search import Engine, one_blas_thread
 
     engine = Engine(Config.load(lake))
-    engine.prepare(wait=True)  # the near-duplicate table, as a serving process has it
     t0 = time.perf_counter()
-    table = engine.join("all", "all", measure, k=k, threshold=threshold)
+    pairs, lefts, rights = 0, [], []
+    with tempfile.TemporaryDirectory() as tmp, one_blas_thread():  # the pairs go to a Parquet file, as the CLI's
+        writer = pq.ParquetWriter(f"{tmp}/pairs.parquet", J.schema(), compression="zstd")
+        for batch in J.join_pairs(engine, "all", "all", measure, k=k, threshold=threshold, max_pairs=10**9):
+            writer.write_batch(batch)
+            pairs += batch.num_rows
+            if k is not None:
+                lefts.append(batch.column("left_id").to_numpy())
+                rights.append(batch.column("right_id").to_numpy())
+        writer.close()
+        out_mb = Path(f"{tmp}/pairs.parquet").stat().st_size / 1e6
     seconds = time.perf_counter() - t0
-    out = {"measure": measure, "k": k, "threshold": threshold, "images": engine.size, "pairs": table.num_rows,
-           "seconds": round(seconds, 1), "pairs_per_s": round(table.num_rows / seconds),
-           "images_per_s": round(engine.size / seconds),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    out = {"measure": measure, "k": k, "threshold": threshold, "images": engine.size, "pairs": pairs,
+           "seconds": round(seconds, 1), "pairs_per_s": round(pairs / seconds), "images_per_s": round(engine.size / seconds),
+           "parquet_mb": round(out_mb, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if k is not None and sample:  # recall@k of the pairs each sampled left image is in, against every pair exact
         idx = engine.index
         rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(idx.size, sample, replace=False))
-        left, right = table.column("left_id").to_numpy(), table.column("right_id").to_numpy()
+        left, right = np.concatenate(lefts), np.concatenate(rights)
         weights = {m: v for m, v in engine.config.weights.items() if v > 0}
         hits = []
         every = np.arange(idx.size)

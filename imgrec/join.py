@@ -81,19 +81,35 @@ def side(engine: Engine, spec: str) -> Side:
 # --- pair scores (pure, vectorised) ---------------------------------------------------------------------------------
 
 
+class Features:
+    """The index's features as pairs are scored, prepared once per join: the stored embeddings with their inverse
+    norms, the square roots of the histograms, the hashes (in memory: about 0.5 KB per image)."""
+
+    def __init__(self, idx: IndexSet) -> None:
+        self.emb = idx.embeddings  # float16, memory-mapped
+        norms = np.concatenate([np.linalg.norm(np.asarray(idx.embeddings[i : i + 65536], dtype=np.float32), axis=1)
+                                for i in range(0, idx.size, 65536)]) if idx.size else np.empty(0, np.float32)
+        self.inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
+        self.sqrt_color = np.sqrt(np.asarray(idx.color, dtype=np.float32))
+        self.hashes = np.ascontiguousarray(idx.hashes)
+
+    def pairs(self, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:
+        """Every measure's similarity of the pairs (a[i], b[i]) of index rows, as the search computes them."""
+        if a.size == 0:
+            return {m: np.empty(0, np.float32) for m in ("embedding", "color", "hash")}
+        ea, eb = np.asarray(self.emb[a], dtype=np.float32), np.asarray(self.emb[b], dtype=np.float32)
+        cos = np.einsum("ij,ij->i", ea, eb) * self.inv[a] * self.inv[b]
+        diff = self.sqrt_color[a] - self.sqrt_color[b]
+        hell = np.clip(np.sqrt(0.5 * np.einsum("ij,ij->i", diff, diff)), 0.0, 1.0)
+        ham = np.bitwise_count(self.hashes[a] ^ self.hashes[b]).sum(axis=1)
+        return {"embedding": sim.to_similarity("embedding", "cosine", cos),
+                "color": sim.to_similarity("color", "hellinger", hell),
+                "hash": sim.to_similarity("hash", "phash+dhash", ham, dim=128)}
+
+
 def pair_similarities(idx: IndexSet, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:
-    """Every measure's similarity of the pairs (a[i], b[i]) of index rows, as the search computes them."""
-    if a.size == 0:
-        return {m: np.empty(0, np.float32) for m in ("embedding", "color", "hash")}
-    ea = sim.l2_normalize(np.asarray(idx.embeddings[a], dtype=np.float32))
-    eb = sim.l2_normalize(np.asarray(idx.embeddings[b], dtype=np.float32))
-    cos = np.einsum("ij,ij->i", ea, eb)
-    diff = np.sqrt(np.asarray(idx.color[a], dtype=np.float32)) - np.sqrt(np.asarray(idx.color[b], dtype=np.float32))
-    hell = np.clip(np.sqrt(0.5 * np.einsum("ij,ij->i", diff, diff)), 0.0, 1.0)
-    ham = np.bitwise_count(np.asarray(idx.hashes[a]) ^ np.asarray(idx.hashes[b])).sum(axis=1)
-    return {"embedding": sim.to_similarity("embedding", "cosine", cos),
-            "color": sim.to_similarity("color", "hellinger", hell),
-            "hash": sim.to_similarity("hash", "phash+dhash", ham, dim=128)}
+    """Every measure's similarity of the pairs (a[i], b[i]) of index rows (``Features.pairs`` for one call)."""
+    return Features(idx).pairs(np.asarray(a, np.int64), np.asarray(b, np.int64))
 
 
 def _dense(idx: IndexSet, measure: str, a: NDArray[np.int64], r: NDArray[np.int64]) -> NDArray[np.float32]:
@@ -127,11 +143,13 @@ class _Plan:
     exact: bool
     count: int  # graph candidates per measure
     weights: dict[str, float]
+    features: Features
+    near: Any = None  # the multi-index hashing table of the near-duplicate radius (mix), or of the range (hash)
     threads: int = 1
 
 
 def _score(plan: _Plan, a: NDArray[np.int64], b: NDArray[np.int64]) -> tuple[NDArray[np.float32], dict[str, Any]]:
-    per = pair_similarities(plan.idx, a, b)
+    per = plan.features.pairs(a, b)
     if plan.measure != "mix":
         return per[plan.measure], per
     dists = {m: DISTANCES[m][0] for m in per}
@@ -161,15 +179,15 @@ def _candidates(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], N
         cand = np.concatenate(found, axis=1) if found else np.empty((a.size, 0), np.int64)
         la = np.repeat(a, cand.shape[1])
         lb = cand.reshape(-1)
-        if plan.measure == "mix" and "hash" in plan.weights:  # near-duplicates by the multi-index table
+        if plan.near is not None:  # mix: near-duplicates, by the multi-index table
             near_a, near_b = _near(plan, a)
             la, lb = np.concatenate([la, near_a]), np.concatenate([lb, near_b])
     ok = (lb >= 0) & (lb != la)
     la, lb = la[ok], lb[ok]
     ok = plan.in_right[lb]
     la, lb = la[ok], lb[ok]
-    pairs = np.unique(np.stack([la, lb], axis=1), axis=0) if la.size else np.empty((0, 2), np.int64)
-    return pairs[:, 0], pairs[:, 1]
+    key = np.unique(la * plan.idx.size + lb)  # each pair once
+    return key // plan.idx.size, key % plan.idx.size
 
 
 def _graph(plan: _Plan, measure: str, a: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -204,20 +222,12 @@ def _scan_hash(plan: _Plan, a: NDArray[np.int64]) -> NDArray[np.int64]:
     return out
 
 
-def _near(plan: _Plan, a: NDArray[np.int64], radius: int | None = None) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Pairs (a row, a row within ``radius`` bits: default the near-duplicate radius) by multi-index hashing."""
-    idx = plan.idx
-    radius = plan.engine.config.near_duplicate_bits if radius is None else radius
-    table = idx.radius_index(slice(0, 2), radius, wait=True)
-    la, lb = [], []
-    for row in a:
-        if table is not None:
-            close, _ = table.query(np.asarray(idx.hashes[row]))
-        else:
-            close = np.flatnonzero(sim.hamming_distance(np.asarray(idx.hashes[row]), idx.hash_columns) <= radius)
-        la.append(np.full(close.size, row, np.int64))
-        lb.append(np.asarray(close, dtype=np.int64))
-    return (np.concatenate(la), np.concatenate(lb)) if la else (np.empty(0, np.int64), np.empty(0, np.int64))
+def _near(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Pairs (a row, a row within the table's radius), by multi-index hashing, the whole batch at once."""
+    from imgrec.mih import query_many
+
+    qi, rows, _ = query_many(plan.near, plan.features.hashes[a])
+    return a[qi], rows
 
 
 def _select(S: NDArray[np.float32], k: int | None, threshold: float | None, a: NDArray[np.int64],
@@ -243,7 +253,7 @@ def _batch(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArra
                                                        dict[str, Any], NDArray[np.int32]]:
     """One batch: candidate pairs, scored, each left row's best k (or those over the threshold), ranked."""
     if plan.measure == "hash" and plan.threshold is not None and not plan.exact:  # exact, by the radius table
-        la, lb = _near(plan, a, int(np.floor((1.0 - plan.threshold) * 128 + 1e-9)))
+        la, lb = _near(plan, a)
         ok = (lb != la) & plan.in_right[lb]
         la, lb = la[ok], lb[ok]
     else:
@@ -293,53 +303,73 @@ def join_pairs(engine: Engine, left: str, right: str, measure: str = "embedding"
     # oversample when RIGHT is a small part of the lake: the graphs' candidates come from everywhere
     scale = int(np.ceil(idx.size / max(R.rows.size, 1))) if not exact else 1
     count = min(max(candidates, 4 * (k or 0)) * min(scale, 16), idx.size)
-    plan = _Plan(engine, idx, measure, k, threshold, R.rows, in_right, self_join, exact, count, weights)
+    plan = _Plan(engine, idx, measure, k, threshold, R.rows, in_right, self_join, exact, count, weights,
+                 Features(idx))
+    if not exact and (measure == "mix" and "hash" in weights or measure == "hash" and threshold is not None):
+        from imgrec.mih import RadiusIndex
+
+        radius = engine.config.near_duplicate_bits if measure == "mix" else int(np.floor((1.0 - threshold) * 128
+                                                                                          + 1e-9))
+        plan.near = RadiusIndex.build(plan.features.hashes, radius)
     if exact:  # blocks of LEFT x RIGHT of at most ~4M pairs
         batch = max(1, min(batch, 4_000_000 // max(R.rows.size, 1)))
     workers = min(os.cpu_count() or 1, 4)
     blocks = [L.rows[i : i + batch] for i in range(0, L.rows.size, batch)]
-    seen: set[int] = set()  # self-joins: the pairs already listed (lower row * size + higher row)
+    # a self-join lists each pair once, the first time it comes (left rows in order): a range join whose candidates
+    # are symmetric (exact, or the hash table) keeps the pairs from the lower row; a kNN join remembers the k
+    # partners each row listed; a range join through the graphs sorts its pairs out at the end
+    symmetric = self_join and threshold is not None and (exact or measure == "hash")
+    partners = np.full((idx.size, k), -1, np.int64) if self_join and k is not None else None
+    collected: list[tuple[Any, ...]] = []
     meta = idx.metadata
     paths = meta.column("path") if meta is not None else None
+    n = idx.size
     total = done = 0
+
+    def emit(la: NDArray[np.int64], lb: NDArray[np.int64], score: NDArray[np.float32], per: dict[str, Any],
+             rank: NDArray[np.int32]) -> pa.RecordBatch:
+        return pa.record_batch({
+            "left_id": pa.array(idx.ids[la], pa.int64()), "left_path": _paths(paths, la),
+            "right_id": pa.array(idx.ids[lb], pa.int64()), "right_path": _paths(paths, lb),
+            "score": pa.array(score, pa.float32()), "score_embedding": pa.array(per["embedding"], pa.float32()),
+            "score_color": pa.array(per["color"], pa.float32()), "score_hash": pa.array(per["hash"], pa.float32()),
+            "rank": pa.array(rank, pa.int32())}, schema=schema())
+
     with ThreadPoolExecutor(workers, thread_name_prefix="imgrec-join") as pool:
         results = _ordered(pool, lambda a: _batch(plan, a), blocks, 2 * workers)
         for block, (la, lb, score, per, rank) in zip(blocks, results, strict=True):
             if stop is not None and stop.is_set():
                 return
-            if self_join and la.size:
-                keys = (np.minimum(la, lb) * idx.size + np.maximum(la, lb)).tolist()
-                keep = np.array([key not in seen for key in keys], dtype=bool)
-                keep &= ~_repeated(keys)  # both orientations within this batch: the first one
-                seen.update(keys)
-                la, lb, score, rank = la[keep], lb[keep], score[keep], rank[keep]
-                per = {m: v[keep] for m, v in per.items()}
+            if symmetric:
+                keep = la < lb
+            elif partners is not None and la.size:
+                keys = la * n + lb
+                listed = (partners[lb] == la[:, None]).any(axis=1)  # the right row listed this pair before
+                keep = ~(listed | (np.isin(lb * n + la, keys) & (lb < la)))  # ... or earlier in this batch
+                partners[la[keep], rank[keep] - 1] = lb[keep]
+            else:
+                keep = np.ones(la.size, dtype=bool)
+            la, lb, score, rank = la[keep], lb[keep], score[keep], rank[keep]
+            per = {m: v[keep] for m, v in per.items()}
             total += la.size
             if total > max_pairs:
                 raise JoinError(f"more than {max_pairs:,} pairs: raise the threshold (or lower k), or allow more "
                                 "with max_pairs / --max-pairs")
-            yield pa.record_batch({
-                "left_id": pa.array(idx.ids[la], pa.int64()),
-                "left_path": _paths(paths, la),
-                "right_id": pa.array(idx.ids[lb], pa.int64()),
-                "right_path": _paths(paths, lb),
-                "score": pa.array(score, pa.float32()),
-                "score_embedding": pa.array(per["embedding"], pa.float32()),
-                "score_color": pa.array(per["color"], pa.float32()),
-                "score_hash": pa.array(per["hash"], pa.float32()),
-                "rank": pa.array(rank, pa.int32()),
-            }, schema=schema())
+            if self_join and threshold is not None and not symmetric:
+                collected.append((la, lb, score, per, rank))
+            else:
+                yield emit(la, lb, score, per, rank)
             done += block.size
             if on_progress is not None:
                 on_progress(done, L.rows.size)
-
-
-def _repeated(keys: list[int]) -> NDArray[np.bool_]:
-    """True where a key appeared earlier in the list."""
-    _, first = np.unique(np.asarray(keys, dtype=np.int64), return_index=True)
-    out = np.ones(len(keys), dtype=bool)
-    out[first] = False
-    return out
+    if collected:  # the graphs' range self-join: each pair once, in left order
+        la, lb, score, rank = (np.concatenate([c[i] for c in collected]) for i in (0, 1, 2, 4))
+        per = {m: np.concatenate([c[3][m] for c in collected]) for m in ("embedding", "color", "hash")}
+        _, first = np.unique(np.minimum(la, lb) * n + np.maximum(la, lb), return_index=True)
+        first.sort()
+        for s0 in range(0, first.size, 65536):
+            sel = first[s0 : s0 + 65536]
+            yield emit(la[sel], lb[sel], score[sel], {m: v[sel] for m, v in per.items()}, rank[sel])
 
 
 def _paths(paths: Any, rows: NDArray[np.int64]) -> Any:

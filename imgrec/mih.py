@@ -277,3 +277,44 @@ class RadiusIndex:
         near = d <= self.radius
         rows, first = np.unique(rows[near], return_index=True)
         return rows, d[near][first]
+
+
+def query_many(index: RadiusIndex, Q: NDArray[np.uint64]) -> tuple[NDArray[np.int64], NDArray[np.int64],
+                                                                   NDArray[np.int64]]:
+    """``RadiusIndex.query`` for a batch of query hashes (m, words) at once, without a Python loop per query:
+    (query positions, rows, distances) of every (query, row) within the radius, each pair once."""
+    n = index.hashes.shape[0]
+    Q = np.asarray(Q, dtype=np.uint64).reshape(len(Q), -1)
+    empty = np.empty(0, np.int64)
+    if Q.shape[0] == 0 or n == 0:
+        return empty, empty, empty
+    shifts = np.arange(64, dtype=np.uint64)
+    bits = np.zeros((Q.shape[0], 64 * Q.shape[1] + 1), dtype=np.int32)  # the last column: the padding bit
+    bits[:, :-1] = ((Q[:, :, None] >> shifts) & np.uint64(1)).reshape(Q.shape[0], -1)
+    weights = np.arange(index.positions.shape[1], dtype=np.int32)
+    own = (bits[:, index.positions] << weights).sum(axis=2, dtype=np.int32)  # (m, chunks)
+    keys = index.probe_base[None, :] + (index.probe_mask[None, :] ^ own[:, index.probe_chunk])  # (m, probes)
+    lo = index.table[keys]
+    k = index.table[keys + 1] - lo
+    per_query = k.sum(axis=1)
+    scan = per_query > index.max_share * n  # crowded buckets: those queries scan every row instead
+    qs, rows = [], []
+    if (~scan).any():
+        sel = ~scan
+        kk, ll = k[sel].ravel(), lo[sel].ravel()
+        total = int(kk.sum())
+        qpos = np.repeat(np.repeat(np.flatnonzero(sel), k.shape[1]), kk)
+        offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(kk) - kk, kk)
+        qs.append(qpos)
+        rows.append(index.order[np.repeat(ll, kk) + offs].astype(np.int64))
+    for q in np.flatnonzero(scan):
+        qs.append(np.full(n, q, np.int64))
+        rows.append(np.arange(n, dtype=np.int64))
+    qi, ri = np.concatenate(qs), np.concatenate(rows)
+    d = np.bitwise_count(index.hashes[ri, 0] ^ Q[qi, 0]).astype(np.int64)
+    for w in range(1, Q.shape[1]):
+        d += np.bitwise_count(index.hashes[ri, w] ^ Q[qi, w])
+    near = d <= index.radius
+    qi, ri, d = qi[near], ri[near], d[near]
+    key, first = np.unique(qi * n + ri, return_index=True)  # a row found in several chunks: once
+    return key // n, key % n, d[first]
