@@ -156,6 +156,10 @@ def _add_uploads(status: ui.LakeStatus, files: list[Any]) -> None:
     from imgrec import jobs
 
     ui.require_admin("keep_uploads")
+    if str(status.path).startswith("s3://"):
+        st.warning("This lake is on object storage: upload the images to a prefix of the bucket and ingest that "
+                   "prefix (`imgrec ingest s3://bucket/prefix --lake ...`).")
+        return
     config = status.engine.config
     folder, saved, problems = ui.save_uploads(status.path, [(f.name, f.getvalue()) for f in files],
                                               config.max_upload_bytes, config.max_pixels)

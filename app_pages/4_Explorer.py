@@ -97,9 +97,10 @@ def _thumb_uris(lake: str, snapshot: int, ids: tuple[int, ...], _status: ui.Lake
 def _evaluation(lake: Path) -> dict[str, Any] | None:
     import json
 
-    from imgrec.projection import evaluation_path
+    from imgrec.projection import evaluation_path, fetch
 
     try:
+        fetch(lake, evaluation_path(lake))
         return json.loads(evaluation_path(lake).read_text())
     except (FileNotFoundError, ValueError):
         return None

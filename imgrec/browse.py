@@ -76,22 +76,27 @@ def details(engine: Engine, image_id: int) -> dict[str, Any]:
 
 
 def inside_collection(engine: Engine, path: str, collection: str) -> bool:
-    """Whether ``path`` (symlinks resolved) lies inside the registered root of ``collection``."""
+    """Whether ``path`` (symlinks resolved) lies inside the registered root of ``collection``; for an S3 root,
+    whether the object's key is below the root's prefix with no '.', '..' or empty segment."""
     row = engine.cursor().execute("SELECT root FROM collections WHERE collection = ?", [collection]).fetchone()
     if row is None:
         return False
+    if str(row[0]).startswith("s3://"):
+        rel = path.removeprefix(str(row[0]).rstrip("/") + "/")
+        return rel != path and not any(p in ("", ".", "..") for p in rel.split("/"))
     root = os.path.realpath(row[0])
     real = os.path.realpath(path)
     return os.path.commonpath([root, real]) == root
 
 
 def image_file(engine: Engine, image_id: int) -> tuple[bytes, dict[str, Any]]:
-    """The bytes of ``image_id``'s file and its metadata row, read only from inside its collection's registered root.
+    """The bytes of ``image_id``'s file and its metadata row, read only from inside its collection's registered root
+    (a folder, or an S3 prefix read through the same storage layer as the lake).
 
     Raises KeyError (unknown id), PermissionError (outside the root) or OSError / ImageError (gone or unreadable
     since ingestion).
     """
-    from imgrec.imaging import read_file
+    from imgrec.imaging import ImageError, read_file
 
     meta = engine.lookup_ids([int(image_id)]).get(int(image_id))
     if meta is None:
@@ -100,6 +105,14 @@ def image_file(engine: Engine, image_id: int) -> tuple[bytes, dict[str, Any]]:
         raise PermissionError(f"{meta['path']} is outside the collection's folder")
     root = engine.cursor().execute("SELECT root FROM collections WHERE collection = ?",
                                    [meta["collection"]]).fetchone()[0]
+    if str(root).startswith("s3://"):
+        from imgrec.storage import open_store
+
+        store = open_store(root)
+        data = store.read_bytes(meta["relpath"])
+        if len(data) > engine.config.max_file_bytes:
+            raise ImageError("file too large", "too_large")
+        return data, meta
     # checked again on the file actually opened (a symlink swapped in after the check above is refused too);
     # a FIFO put in the file's place is not waited on
     data, _ = read_file(meta["path"], engine.config.max_file_bytes, inside=os.path.realpath(root))

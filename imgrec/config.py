@@ -30,9 +30,15 @@ def cache_dir() -> Path:
     return Path(chosen).expanduser()
 
 
-def resolve_lake(lake: str | os.PathLike[str] | None = None) -> Path:
-    """`--lake` if given, else `$IMGREC_LAKE`, else `data/lake` (relative to the working directory)."""
+Location = Path | str  # a local folder (Path), or an object-storage URL (str: s3://bucket/prefix)
+
+
+def resolve_lake(lake: str | os.PathLike[str] | None = None) -> Location:
+    """`--lake` if given, else `$IMGREC_LAKE`, else `data/lake` (relative to the working directory): an absolute
+    Path, or an ``s3://bucket/prefix`` URL as it is (no trailing slash)."""
     chosen = lake if lake not in (None, "") else os.environ.get(LAKE_ENV) or DEFAULT_LAKE
+    if str(chosen).startswith("s3://"):
+        return str(chosen).rstrip("/")
     return Path(chosen).expanduser().resolve()
 
 
@@ -40,7 +46,7 @@ def resolve_lake(lake: str | os.PathLike[str] | None = None) -> Path:
 class Config:
     """Every tunable of imgrec in one place; `Config.load()` applies the lake resolution rule."""
 
-    lake: Path = field(default_factory=resolve_lake)
+    lake: Location = field(default_factory=resolve_lake)
     # embedding model
     model: str = "efficientnet-lite0"
     device: str = "auto"  # "auto" picks CUDA when present, else CPU

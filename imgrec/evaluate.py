@@ -25,6 +25,7 @@ import numpy as np
 
 from imgrec import metrics
 from imgrec.config import MEASURES
+from imgrec.lake import Lake
 
 TRANSFORMS = ("resize", "jpeg", "crop", "brightness", "rotate", "flip", "grayscale")
 MULTI_SIZES = (2, 3, 5)
@@ -73,7 +74,7 @@ def prepare(dataset: str | os.PathLike[str], lake: str | os.PathLike[str] | None
     root = Path(os.path.abspath(Path(dataset).expanduser()))
     items = read_labels(root)
     lake_path = Path(lake) if lake else default_lake(root)
-    engine = Engine(Config.load(lake_path)) if (lake_path / "manifest.json").is_file() else None
+    engine = Engine(Config.load(lake_path)) if Lake(lake_path).exists else None
     found = _match(engine, root, items) if engine else {}
     if len(found) < len(items) and lake is None:  # the cache lake: ingest (incremental: only what is missing)
         log(f"imgrec: ingesting {root} into {lake_path} ...")
@@ -284,13 +285,14 @@ def evaluate(dataset: str | os.PathLike[str], measures: Sequence[str] = MEASURES
     return report
 
 
-def save_report(lake: Path, report: dict[str, Any]) -> Path:
-    """Write the report as ``<lake>/reports/eval-<set>.json`` (atomically). A partial run (some measures, no
-    multi-image or near-duplicate part) updates the parts it measured of an earlier report of the same snapshot and
-    model, and keeps the others."""
+def save_report(lake: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """Write the report as ``<lake>/reports/eval-<set>.json`` (atomically; for an S3 lake, also uploaded beside
+    it). A partial run (some measures, no multi-image or near-duplicate part) updates the parts it measured of an
+    earlier report of the same snapshot and model, and keeps the others."""
     from imgrec.lake import atomic_write_bytes
 
-    path = Path(lake) / "reports" / f"eval-{report['name']}.json"
+    where = Lake(lake)
+    path = where.local_dir("reports") / f"eval-{report['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = report
     try:
@@ -302,13 +304,18 @@ def save_report(lake: Path, report: dict[str, Any]) -> Path:
         for part in ("measures", "multi", "near_duplicates"):
             merged[part] = {**old.get(part, {}), **report.get(part, {})}
     atomic_write_bytes(path, json.dumps(merged, indent=1).encode())
+    where.push(path)
     return path
 
 
 def load_reports(lake: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every evaluation report saved in a lake (for the Quality page)."""
+    where = Lake(lake)
+    if where.remote:
+        for e in where.store.list("reports"):
+            where.pull(e.path)
     out = []
-    for path in sorted((Path(lake) / "reports").glob("eval-*.json")):
+    for path in sorted(where.local_dir("reports").glob("eval-*.json")):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):

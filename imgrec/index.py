@@ -12,6 +12,7 @@ and ``meta.json`` (snapshot, model, embedding space, random-pair baselines).
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,17 +43,78 @@ def path_keys(paths: list[str]) -> NDArray[np.uint64]:
                                     "little") for p in paths], dtype=np.uint64)
 
 
+INDEXES = "indexes"
+COMPLETE = ".complete"  # in a downloaded copy of an S3 lake's index: every file of it is there
+
+
 def index_root(lake: Lake) -> Path:
-    return lake.root / "indexes"
+    """The local folder of the lake's indexes: in the lake; for an S3 lake, its mirror in imgrec's cache."""
+    return lake.local_dir(INDEXES)
 
 
 def current_dir(lake: Lake) -> Path | None:
+    """The folder of the lake's current index (for an S3 lake: downloaded into the cache first, once per
+    snapshot); None when there is none."""
+    if lake.remote:
+        return _pull_current(lake)
     try:
         name = (index_root(lake) / "CURRENT").read_text().strip()
     except FileNotFoundError:
         return None
     path = index_root(lake) / name
     return path if (path / "meta.json").is_file() else None
+
+
+def _pull_current(lake: Lake) -> Path | None:
+    """The S3 lake's current index in the local cache: ``indexes/CURRENT`` names it; a copy that has all its
+    files (``.complete``) is used as it is, else its files and the thumbnail segments it lists are downloaded
+    (into a temporary folder, renamed once whole)."""
+    import shutil
+    import uuid
+
+    try:
+        name = lake.store.read_bytes(f"{INDEXES}/CURRENT").decode().strip()
+    except FileNotFoundError:
+        return None
+    local = index_root(lake) / name
+    if (local / COMPLETE).is_file():
+        return local
+    entries = [e for e in lake.store.list(f"{INDEXES}/{name}") if "/" not in e.path[len(INDEXES) + len(name) + 2:]]
+    if not any(e.path.endswith("/meta.json") for e in entries):
+        return None
+    tmp = local.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
+    for e in entries:
+        lake.store.get_file(e.path, tmp / e.path.rsplit("/", 1)[-1])
+    thumbs = index_root(lake) / "thumbs"
+    if (tmp / "thumbs.json").is_file():
+        for seg in json.loads((tmp / "thumbs.json").read_text()):
+            if not (thumbs / seg).is_file():  # segments are shared by snapshots: each comes down once
+                lake.store.get_file(f"{INDEXES}/thumbs/{seg}", thumbs / seg)
+    (tmp / COMPLETE).write_text(name)
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(tmp, local)
+    return local
+
+
+def push_index(lake: Lake, snap: Path, segments: list[str]) -> None:
+    """Upload a freshly built index of an S3 lake (its files, the thumbnail segments it added), then its
+    ``CURRENT``: searchers see the new index only once it is whole."""
+    for f in sorted(snap.iterdir()):
+        if f.is_file() and f.name != COMPLETE:
+            lake.store.put_file(_scratch_copy(lake, f), f"{INDEXES}/{snap.name}/{f.name}")
+    for seg in segments:
+        lake.store.put_file(_scratch_copy(lake, snap.parent / "thumbs" / seg), f"{INDEXES}/thumbs/{seg}")
+    lake.store.write_bytes(f"{INDEXES}/CURRENT", snap.name.encode())
+    (snap / COMPLETE).write_text(snap.name)
+
+
+def _scratch_copy(lake: Lake, f: Path) -> Path:
+    import shutil
+    import uuid
+
+    tmp = lake.store.scratch() / f"{uuid.uuid4().hex}-{f.name}"
+    shutil.copyfile(f, tmp)
+    return tmp
 
 
 @dataclass

@@ -226,15 +226,18 @@ def start(folder: str | os.PathLike[str], lake: str | os.PathLike[str], *, worke
     text = os.fspath(folder).strip() if folder is not None else ""
     if not text:
         raise JobError("give the path of a folder of images to ingest")
-    path = Path(os.path.abspath(Path(text).expanduser()))
-    if not path.exists():
-        raise JobError(f"{path} does not exist (a folder on the machine that runs the app)")
-    if not path.is_dir():
-        raise JobError(f"{path} is not a folder: give the folder that holds the images")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise JobError(f"{path} cannot be read (permission denied)")
+    if text.startswith("s3://"):  # a prefix of object storage: the ingestion lists it (and says what is wrong)
+        path: Path | str = text.rstrip("/")
+    else:
+        path = Path(os.path.abspath(Path(text).expanduser()))
+        if not path.exists():
+            raise JobError(f"{path} does not exist (a folder on the machine that runs the app)")
+        if not path.is_dir():
+            raise JobError(f"{path} is not a folder: give the folder that holds the images")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise JobError(f"{path} cannot be read (permission denied)")
     key = _key(lake)
-    if Path(key).exists() and not Path(key).is_dir():
+    if not key.startswith("s3://") and Path(key).exists() and not Path(key).is_dir():
         raise JobError(f"the lake {key} is a file, not a folder: choose another lake folder")
     with _LOCK:
         current = _JOBS.get(key)

@@ -1,39 +1,62 @@
-"""The Parquet lake: append-only part files per table, made visible by an atomic manifest, read through DuckDB.
+"""The Parquet lake: append-only part files per table, made visible by immutable numbered snapshots, read through
+DuckDB. The same protocol on a local folder and on S3-compatible object storage (``imgrec.storage``).
 
-Layout of a lake directory::
+Layout of a lake (a folder, or ``s3://bucket/prefix``)::
 
-    manifest.json            the committed state: snapshot number, the part files of every table, the model
-    tables/<table>/part-*.parquet
-    indexes/<snapshot>/      search structures built for one snapshot (see imgrec.index)
+    _snapshots/00000000000000000042.json   snapshot 42: the part files of every table, the model, next image id
+    tables/<table>/part-<writer>-<seq>.parquet
+    indexes/...                            search structures of one snapshot (imgrec.index), derived
+    projections/, reports/                 maps and evaluations, derived
 
-A part file is written under a temporary name, fsynced and renamed; it becomes visible only when a new manifest that
-lists it replaces the old one (write, fsync, rename). Readers only ever open the files a manifest lists, so a crash at
-any point leaves either the old or the new snapshot, never a half-written part. Files no manifest lists (left by a
-crash) are deleted by the next writer, which holds an exclusive lock on the lake.
+**Commit.** A writer writes its new parts (names unique to the writer and its commit: a retried write replaces
+only its own file), then creates the next snapshot file *only if it does not exist* (an exclusive create on disk,
+``If-None-Match: *`` on S3) listing the previous snapshot's parts plus its own. A reader takes the highest
+snapshot and opens only the parts it lists: never a half-written part, and a crash at any point leaves the last
+snapshot as it was. There is no rename and no lock.
+
+**Several writers.** Two writers that both try to create snapshot N+1: exactly one succeeds. The other reads the
+new latest snapshot and tries again on top of it: its image ids are moved past the ones the other writer took
+(its parts are written again with the new ids), the images the other one already ingested from the same files
+(same collection, path and bytes) are left out, and then it creates the snapshot after that. Nothing committed is
+lost and no id is given twice (tests/test_lake.py).
+
+**Garbage.** Files no snapshot of the last ``GRACE_S`` seconds lists, themselves older than that, are deleted by
+the next writer: a reader or a writer still on a snapshot of the last ten minutes finds every part it needs.
+
+Lakes written before snapshots (``manifest.json``, format 1) are read as they are; their next commit starts the
+log.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from imgrec.storage import StorageError, Store, fsync_dir, is_remote, open_store
 
 if TYPE_CHECKING:  # polars, DuckDB and pyarrow are imported where used: a search by the index needs none of them
     import duckdb
     import polars as pl
     import pyarrow as pa
 
-FORMAT_VERSION = 1
-GARBAGE_GRACE_S = 600.0  # replaced parts stay this long for readers of an older snapshot
+__all__ = ["Lake", "LakeConnection", "LakeError", "LakeWriter", "Manifest", "fsync_dir", "now", "schemas"]
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+SNAPSHOTS = "_snapshots"
+LEGACY_MANIFEST = "manifest.json"
+GRACE_S = 600.0  # files of the snapshots of the last ten minutes are kept for their readers and writers
 COMPACT_BELOW_BYTES = 64 * 1024 * 1024
+MAX_CONFLICTS = 50  # commits retried on top of other writers' before giving up
+NEW_ID_TABLES = ("images", "color", "hashes", "embeddings", "labels", "thumbnails")  # rows keyed by a new image_id
 
 
 def now() -> datetime:
@@ -74,7 +97,7 @@ TABLES = ("collections", "images", "removed", "skipped", "color", "hashes", "emb
 
 
 class LakeError(RuntimeError):
-    """Something about the lake a person must act on (locked, built with another model, ...)."""
+    """Something about the lake a person must act on (built with another model, unreadable, ...)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +127,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format") != FORMAT_VERSION:
+        if d.get("format") not in READABLE_FORMATS:
             raise LakeError(f"lake format {d.get('format')} is not supported by this imgrec (format {FORMAT_VERSION})")
         return cls(
             snapshot=int(d["snapshot"]), next_image_id=int(d["next_image_id"]),
@@ -114,13 +137,8 @@ class Manifest:
         )
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def snapshot_name(n: int) -> str:
+    return f"{SNAPSHOTS}/{n:020d}.json"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -134,29 +152,79 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _location(root: str | os.PathLike[str]) -> str | Path:
+    return str(root).rstrip("/") if is_remote(root) else Path(root).expanduser().resolve()
+
+
 class Lake:
-    """A lake directory. Reading needs no lock; writing goes through ``Lake.writer()``."""
+    """A lake: a local folder or an ``s3://`` location. Reading needs nothing but the store; writing goes through
+    ``Lake.writer()``."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).resolve()
+        self.store: Store = open_store(_location(root))
+        self.remote = self.store.remote
+        self.url = self.store.url
+        #: a local lake's folder (a Path); an S3 lake's URL (a str): for messages and for local-only code
+        self.root: Any = self.store.local_path() if not self.remote else self.url
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+    def __repr__(self) -> str:
+        return f"Lake({self.url!r})"
 
     @property
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        return self._latest_name() is not None
+
+    def _latest_name(self) -> str | None:
+        names = [e.path for e in self.store.list(SNAPSHOTS) if e.path.endswith(".json")
+                 and e.path.rsplit("/", 1)[-1][:-5].isdigit()]
+        if names:
+            return max(names)
+        return LEGACY_MANIFEST if self.store.exists(LEGACY_MANIFEST) else None
 
     def manifest(self) -> Manifest | None:
-        try:
-            return Manifest.from_json(json.loads(self.manifest_path.read_text()))
-        except FileNotFoundError:
-            return None
+        """The latest snapshot (None for a lake not created yet)."""
+        for _ in range(5):
+            name = self._latest_name()
+            if name is None:
+                return None
+            try:
+                return Manifest.from_json(json.loads(self.store.read_bytes(name)))
+            except FileNotFoundError:  # collected between the listing and the read: list again
+                continue
+            except ValueError as exc:
+                raise LakeError(f"the snapshot {self.store.join(name)} cannot be read: {exc}") from exc
+        raise LakeError(f"the snapshots of {self.url} keep changing under this reader; try again")
 
     def snapshot(self) -> int:
         m = self.manifest()
         return m.snapshot if m else -1
+
+    def local_dir(self, sub: str) -> Path:
+        """Where derived files (``indexes``, ``projections``, ``reports``) live on this machine: in the lake's
+        folder, or for an S3 lake in imgrec's cache (``IMGREC_CACHE``), mirrored from and to the lake
+        (``pull`` / ``push``)."""
+        if not self.remote:
+            return self.root / sub
+        import hashlib
+
+        from imgrec.config import cache_dir
+
+        return cache_dir() / "lakes" / hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest() / sub
+
+    def push(self, local: Path) -> None:
+        """Upload a file of ``local_dir(...)`` to the same place in an S3 lake (nothing to do for a local one)."""
+        if self.remote:
+            rel = local.relative_to(self.local_dir("")).as_posix()
+            self.store.put_file(_copy_to_scratch(local, self.store), rel)
+
+    def pull(self, rel: str) -> Path:
+        """The local copy of the lake's file ``rel`` (downloaded for an S3 lake); FileNotFoundError if none."""
+        local = self.local_dir("") / rel
+        if self.remote:
+            self.store.get_file(rel, local)
+        elif not local.is_file():
+            raise FileNotFoundError(local)
+        return local
 
     # --- reading -------------------------------------------------------------------------------------------------
 
@@ -168,139 +236,254 @@ class Lake:
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[LakeWriter]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = open(self.root / ".lock", "a+")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise LakeError(f"another process is writing the lake {self.root}; wait for it to finish") from None
-        try:
-            w = LakeWriter(self)
-            w.collect_garbage()
-            yield w
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-            lock.close()
+        """A writer on the latest snapshot. Several may write at once (see the module's docstring)."""
+        if not self.remote:
+            if self.root.exists() and not self.root.is_dir():
+                raise LakeError(f"the lake {self.root} is a file, not a folder")
+            self.root.mkdir(parents=True, exist_ok=True)
+        w = LakeWriter(self)
+        w.collect_garbage()
+        yield w
+
+
+def _copy_to_scratch(local: Path, store: Store) -> Path:
+    import shutil
+
+    tmp = store.scratch() / f"{uuid.uuid4().hex}-{local.name}"
+    shutil.copyfile(local, tmp)
+    return tmp
 
 
 class LakeWriter:
-    """Commits batches of rows atomically. Only one exists per lake at a time (file lock)."""
+    """Commits batches of rows atomically, on top of whatever other writers committed meanwhile."""
 
     def __init__(self, lake: Lake) -> None:
         self.lake = lake
+        self.base: Manifest | None = lake.manifest()  # the snapshot this writer's next commit builds on
+        self.writer_id = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self.id_shift = 0  # how far other writers' commits pushed the new image ids of the last commit
+        self.conflicts = 0
 
     @property
     def manifest(self) -> Manifest | None:
-        return self.lake.manifest()
+        return self.base
 
     def create(self, model: dict[str, Any], color_bins: tuple[int, int, int], thumb_size: int) -> Manifest:
-        """Start an empty lake (snapshot 0) with one empty part per table, so every view has a schema."""
-        stamp = now().isoformat()
+        """Start an empty lake (snapshot 0) with one empty part per table, so every view has a schema. Another
+        writer that created it first wins; its lake is used if it has the same model."""
         import polars as pl
 
-        m = Manifest(0, 0, {t: [] for t in TABLES}, model, tuple(color_bins), thumb_size, [], stamp, stamp)
-        sch = schemas(m.bins, int(model["dim"]))
+        stamp = now().isoformat()
+        bins = color_bins[0] * color_bins[1] * color_bins[2]
+        sch = schemas(bins, int(model["dim"]))
         parts = {t: [self._write_part(t, pl.DataFrame(schema=sch[t]), 0)] for t in TABLES}
         m = Manifest(0, 0, parts, model, tuple(color_bins), thumb_size, [], stamp, stamp)
-        self._write_manifest(m)
-        return m
+        if self.lake.store.create(snapshot_name(0), _encode(m)):
+            self.base = m
+            return m
+        self.base = self.lake.manifest()
+        if self.base is None or self.base.model.get("name") != model.get("name"):
+            raise LakeError(f"another writer created {self.lake.url} with another model meanwhile")
+        return self.base
 
     def _write_part(self, table: str, df: pl.DataFrame, snapshot: int) -> str:
-        rel = f"tables/{table}/part-{snapshot:08d}-{uuid.uuid4().hex[:8]}.parquet"
-        path = self.lake.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        self.seq += 1
+        rel = f"tables/{table}/part-{self.writer_id}-{self.seq:06d}.parquet"
+        tmp = self.lake.store.scratch() / f"{self.writer_id}-{self.seq:06d}-{table}.parquet"
         df.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=16384)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        self.lake.store.put_file(tmp, rel)
         return rel
 
-    def _write_manifest(self, m: Manifest) -> None:
-        atomic_write_bytes(self.lake.manifest_path, json.dumps(m.to_json(), indent=1).encode())
+    def _publish(self, make: Callable[[Manifest], Manifest | None]) -> Manifest | None:
+        """Create the snapshot ``make(latest)`` after the latest one, again on top of the newer one after each
+        lost race; None if ``make`` gives up."""
+        base = self.base
+        for _ in range(MAX_CONFLICTS):
+            if base is None:
+                raise LakeError("the lake has not been created yet")
+            new = make(base)
+            if new is None:
+                return None
+            if self.lake.store.create(snapshot_name(new.snapshot), _encode(new)):
+                self.base = new
+                return new
+            self.conflicts += 1
+            time.sleep(0.01 * min(self.conflicts, 20))
+            base = self.lake.manifest()
+        raise LakeError(f"could not commit to {self.lake.url}: {MAX_CONFLICTS} other commits came first")
 
     def commit(self, frames: dict[str, pl.DataFrame], next_image_id: int | None = None) -> Manifest:
-        """Write every non-empty frame as a new part and publish them all in one new snapshot."""
-        m = self.manifest
-        if m is None:
-            raise LakeError("the lake has not been created yet")
-        snap = m.snapshot + 1
-        tables = {t: list(v) for t, v in m.tables.items()}
-        sch = schemas(m.bins, int(m.model["dim"]))
-        for table, df in frames.items():
-            if df.height:
-                if "version" in df.columns:
-                    import polars as pl
+        """Write every non-empty frame as a new part and publish them all in one new snapshot.
 
-                    df = df.with_columns(pl.lit(snap, dtype=pl.Int64).alias("version"))
-                tables[table].append(self._write_part(table, df.select(list(sch[table])).cast(sch[table]), snap))
-        new = Manifest(
-            snap, m.next_image_id if next_image_id is None else next_image_id, tables, m.model, m.color_bins,
-            m.thumb_size, m.garbage, m.created_at, now().isoformat(),
-        )
-        self._write_manifest(new)
+        ``next_image_id``: the first id the caller has not used. Ids from the base snapshot's ``next_image_id`` on
+        are this commit's new images; where other writers took those ids first they are moved up past theirs
+        (``id_shift``: by how much, for this commit); the caller goes on from ``manifest.next_image_id``.
+        """
+        start = self.base
+        if start is None:
+            raise LakeError("the lake has not been created yet")
+        sch = schemas(start.bins, int(start.model["dim"]))
+        state: dict[str, Any] = {"base": start, "frames": {t: df for t, df in frames.items() if df.height},
+                                 "parts": None, "shift": 0}
+
+        def make(latest: Manifest) -> Manifest:
+            if latest.snapshot != state["base"].snapshot:  # another writer came first: on top of its snapshot
+                state["frames"], shift = self._rebase(state["frames"], state["base"], latest)
+                state["shift"] += shift
+                state["base"], state["parts"] = latest, None
+            if state["parts"] is None:  # (versions are snapshot numbers: the parts are written for this one)
+                state["parts"] = {
+                    t: self._write_part(t, _with_version(df, latest.snapshot + 1).select(list(sch[t])).cast(sch[t]),
+                                        latest.snapshot + 1)
+                    for t, df in state["frames"].items() if df.height}
+            tables = {t: list(v) + ([state["parts"][t]] if t in state["parts"] else [])
+                      for t, v in latest.tables.items()}
+            used = next_image_id + state["shift"] if next_image_id is not None else latest.next_image_id
+            return Manifest(latest.snapshot + 1, max(used, latest.next_image_id), tables, latest.model,
+                            latest.color_bins, latest.thumb_size, [], latest.created_at, now().isoformat())
+
+        new = self._publish(make)
+        assert new is not None
+        self.id_shift = state["shift"]
         return new
 
-    def compact(self) -> Manifest:
-        """Merge the small parts of each table into one (sorted by image_id where it has one)."""
-        m = self.manifest
+    def _rebase(self, frames: dict[str, pl.DataFrame], base: Manifest, latest: Manifest
+                ) -> tuple[dict[str, pl.DataFrame], int]:
+        """This commit's rows moved on top of ``latest``: new image ids (from ``base.next_image_id``) past the ones
+        other writers took meanwhile, and the images they already ingested from the same files left out; and the
+        shift of the ids."""
+        import polars as pl
+
+        first_new = base.next_image_id
+        shift = max(0, latest.next_image_id - first_new)
+        if shift:
+            frames = {t: (df.with_columns(pl.when(pl.col("image_id") >= first_new)
+                                          .then(pl.col("image_id") + shift).otherwise(pl.col("image_id"))
+                                          .alias("image_id"))
+                          if t in (*NEW_ID_TABLES, "removed") and "image_id" in df.columns else df)
+                      for t, df in frames.items()}
+        images = frames.get("images")
+        cols = frames.get("collections")
+        if (images is None or not images.height) and (cols is None or not cols.height):
+            return frames, shift
+        conn = self.lake.connect(latest)
+        try:
+            done = conn.frame("SELECT collection, relpath, content_hash FROM images")
+            have = conn.frame("SELECT collection, root FROM collections")
+        finally:
+            conn.close()
+        if images is not None and images.height:
+            dup = images.join(done, on=["collection", "relpath", "content_hash"], how="semi")["image_id"]
+            if dup.len():  # the other writer ingested these very files: its rows stay, these go
+                frames = {t: (df.filter(~pl.col("image_id").is_in(dup.implode()))
+                              if t in NEW_ID_TABLES and "image_id" in df.columns else df)
+                          for t, df in frames.items()}
+        if cols is not None and cols.height:
+            clash = cols.join(have, on="collection", how="inner").filter(pl.col("root") != pl.col("root_right"))
+            if clash.height:
+                raise LakeError(f"another writer registered the collection name {clash['collection'][0]!r} for "
+                                "another folder meanwhile; run the ingestion again (it will pick another name)")
+            frames["collections"] = cols.join(have, on="collection", how="anti")
+        return frames, shift
+
+    def compact(self) -> Manifest | None:
+        """Merge the small parts of each table into one (sorted by image_id where it has one), in a snapshot of
+        its own; given up (None) when another writer's commit replaced those parts meanwhile."""
+        m = self.base
         if m is None:
-            return m  # type: ignore[return-value]
-        tables = {t: list(v) for t, v in m.tables.items()}
-        garbage = list(m.garbage)
-        changed = False
+            return m
+        sizes = {e.path: e.size for e in self.lake.store.list("tables")}
+        plan = {t: [p for p in parts if sizes.get(p, 0) < COMPACT_BELOW_BYTES] for t, parts in m.tables.items()}
+        plan = {t: small for t, small in plan.items() if len(small) >= 2}
+        if not plan:
+            return m
         import duckdb
 
         con = duckdb.connect()
-        for table, parts in m.tables.items():
-            small = [p for p in parts if (self.lake.root / p).stat().st_size < COMPACT_BELOW_BYTES]
-            if len(small) < 2:
-                continue
-            rel = f"tables/{table}/part-{m.snapshot + 1:08d}-{uuid.uuid4().hex[:8]}.parquet"
-            out = self.lake.root / rel
-            tmp = out.with_name(out.name + ".tmp")
-            files = [str(self.lake.root / p) for p in small]
-            order = " ORDER BY image_id" if "image_id" in schemas()[table] else ""
-            con.execute(
-                f"COPY (SELECT * FROM read_parquet(?){order}) TO '{tmp}' "
-                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384)",
-                [files],
-            )
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, out)
-            tables[table] = [p for p in parts if p not in small] + [rel]
-            garbage += [[p, time.time()] for p in small]
-            changed = True
-        con.close()
-        if not changed:
-            return m
-        new = Manifest(
-            m.snapshot + 1, m.next_image_id, tables, m.model, m.color_bins, m.thumb_size, garbage,
-            m.created_at, now().isoformat(),
-        )
-        self._write_manifest(new)
-        return new
+        merged = {}
+        try:
+            for table, small in plan.items():
+                self.seq += 1
+                rel = f"tables/{table}/part-{self.writer_id}-{self.seq:06d}.parquet"
+                tmp = self.lake.store.scratch() / f"{self.writer_id}-{self.seq:06d}-{table}.parquet"
+                _register(con, "src", self.lake, small)
+                order = " ORDER BY image_id" if "image_id" in schemas()[table] else ""
+                con.execute(f"COPY (SELECT * FROM src{order}) TO '{tmp}' "
+                            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 16384)")
+                con.execute("DROP VIEW IF EXISTS src")
+                self.lake.store.put_file(tmp, rel)
+                merged[table] = rel
+        finally:
+            con.close()
 
-    def collect_garbage(self) -> None:
-        """Delete temp files and parts that no manifest lists (crash leftovers), and replaced parts past the grace."""
-        m = self.manifest
-        tables_dir = self.lake.root / "tables"
-        if m is None or not tables_dir.is_dir():
+        def make(latest: Manifest) -> Manifest | None:
+            tables = {t: list(v) for t, v in latest.tables.items()}
+            for table, small in plan.items():
+                if not set(small) <= set(tables[table]):
+                    return None  # rewritten by another writer meanwhile: leave it
+                tables[table] = [p for p in tables[table] if p not in small] + [merged[table]]
+            return replace(latest, snapshot=latest.snapshot + 1, tables=tables, garbage=[],
+                           updated_at=now().isoformat())
+
+        return self._publish(make)
+
+    def collect_garbage(self, grace_s: float = GRACE_S) -> None:
+        """Delete the files no recent snapshot lists (crash leftovers, parts replaced by a compaction, snapshot
+        files), once they are older than ``grace_s`` seconds."""
+        store = self.lake.store
+        latest = self.lake._latest_name()
+        if latest is None:
             return
-        live = {p for parts in m.tables.values() for p in parts}
-        keep_garbage = [[p, t] for p, t in m.garbage if time.time() - t < GARBAGE_GRACE_S]
-        grace = {p for p, _ in keep_garbage}
-        for path in tables_dir.glob("*/*"):
-            rel = path.relative_to(self.lake.root).as_posix()
-            if rel not in live and rel not in grace:
-                path.unlink(missing_ok=True)
-        if len(keep_garbage) != len(m.garbage):
-            self._write_manifest(
-                Manifest(m.snapshot, m.next_image_id, m.tables, m.model, m.color_bins, m.thumb_size, keep_garbage,
-                         m.created_at, m.updated_at)
-            )
+        cutoff = time.time_ns() - int(grace_s * 1e9)
+        snaps = sorted(store.list(SNAPSHOTS), key=lambda e: e.path)
+        live: set[str] = set()
+        for e in snaps:
+            if e.path == latest or e.mtime_ns >= cutoff:
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    live |= {p for parts in json.loads(store.read_bytes(e.path))["tables"].values() for p in parts}
+        if latest == LEGACY_MANIFEST:  # a lake from before the snapshot log
+            live |= {p for parts in json.loads(store.read_bytes(LEGACY_MANIFEST))["tables"].values() for p in parts}
+        elif snaps and snaps[0].mtime_ns < cutoff and store.exists(LEGACY_MANIFEST):
+            store.delete(LEGACY_MANIFEST)  # the log has taken over for long enough
+        for e in store.list("tables"):
+            if e.path not in live and e.mtime_ns < cutoff:
+                store.delete(e.path)
+        for e in snaps:
+            if e.path != latest and e.mtime_ns < cutoff:
+                store.delete(e.path)
+        if not self.lake.remote:
+            for e in store.list(".scratch"):
+                if e.mtime_ns < cutoff:
+                    store.delete(e.path)
+
+
+def _encode(m: Manifest) -> bytes:
+    return json.dumps(m.to_json(), indent=1).encode()
+
+
+def _with_version(df: pl.DataFrame, snapshot: int) -> pl.DataFrame:
+    import polars as pl
+
+    return df.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("version")) if "version" in df.columns else df
+
+
+def _register(con: Any, name: str, lake: Lake, parts: list[str]) -> None:
+    """A view ``name`` over the Parquet ``parts`` of the lake: read_parquet on disk; on S3 a pyarrow dataset through
+    the store's filesystem (DuckDB cannot fetch its S3 extension here, and needs none this way)."""
+    if not lake.remote:
+        files = [str(lake.root / p) for p in parts]
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({sql_list(files)})")
+        return
+    import pyarrow.dataset as ds
+
+    fs, root = lake.store.arrow()
+    try:
+        dataset = ds.dataset([f"{root}/{p}" for p in parts], filesystem=fs, format="parquet")
+    except OSError as exc:
+        raise StorageError(f"cannot read the lake's parts on {lake.url}: {exc}") from exc
+    con.register(f"{name}_arrow", dataset)
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_arrow")
 
 
 class LakeConnection:
@@ -323,12 +506,12 @@ class LakeConnection:
         for table in TABLES:
             parts = manifest.tables[table] if manifest else []
             if parts:
-                files = [str(lake.root / p) for p in parts]
-                self.con.execute(f"CREATE VIEW {_src(table)} AS SELECT * FROM read_parquet({sql_list(files)})")
+                _register(self.con, _src(table), lake, parts)
             else:
                 empty = pl.DataFrame(schema=sch[table]).to_arrow()  # noqa: F841 (read by DuckDB below)
                 self.con.execute(f"CREATE TABLE {_src(table)} AS SELECT * FROM empty")
-        self.con.execute("CREATE VIEW collections AS SELECT * FROM collections_src")
+        self.con.execute("CREATE VIEW collections AS SELECT collection, any_value(root) AS root, min(added_at) AS added_at "
+                         "FROM collections_src GROUP BY collection")  # a name registered twice counts once
         self.con.execute("CREATE VIEW removed AS SELECT * FROM removed_src")
         self.con.execute("CREATE VIEW images_all AS SELECT * FROM images_src")
         self.con.execute(

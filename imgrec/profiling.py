@@ -234,9 +234,10 @@ def cold_start(lake: str | os.PathLike[str], measure: str = "mix", query: Any = 
     features, no model).
     """
     from imgrec.config import resolve_lake
+    from imgrec.lake import Lake
 
     root = resolve_lake(lake)
-    if not (root / "manifest.json").is_file():
+    if not Lake(root).exists:
         raise FileNotFoundError(f"there is no lake at {root}")
     with tempfile.TemporaryDirectory(prefix="imgrec-cold-start-") as tmp:
         qarg, described = _query_arg(root, query, Path(tmp))

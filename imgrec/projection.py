@@ -46,7 +46,30 @@ def map_key(features: str, method: str, dims: int) -> str:
 
 
 def projections_dir(lake: str | os.PathLike[str]) -> Path:
-    return Path(lake) / "projections"
+    """The lake's ``projections`` folder (for an S3 lake: its mirror in the cache, see ``sync``)."""
+    from imgrec.lake import Lake
+
+    return Lake(lake).local_dir("projections")
+
+
+def publish(lake: str | os.PathLike[str], path: Path) -> None:
+    """An S3 lake: upload a projections file just written beside the lake (nothing to do on disk)."""
+    from imgrec.lake import Lake
+
+    Lake(lake).push(path)
+
+
+def fetch(lake: str | os.PathLike[str], path: Path) -> bool:
+    """An S3 lake: download one of its projections files into the mirror; whether it is there."""
+    from imgrec.lake import Lake
+
+    where = Lake(lake)
+    if where.remote:
+        try:
+            where.pull(path.relative_to(where.local_dir("")).as_posix())
+        except FileNotFoundError:
+            return False
+    return path.is_file()
 
 
 def table_path(lake: str | os.PathLike[str]) -> Path:
@@ -134,7 +157,7 @@ def empty_table() -> pa.Table:
 def read_maps(lake: str | os.PathLike[str]) -> Maps | None:
     """The stored maps, or None when there are none (a leftover temporary file is never read)."""
     path = table_path(lake)
-    if not path.is_file():
+    if not fetch(lake, path):
         return None
     table = pq.read_table(path)
     raw = (table.schema.metadata or {}).get(META_KEY)
@@ -145,7 +168,7 @@ def read_maps(lake: str | os.PathLike[str]) -> Maps | None:
 def read_meta(lake: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Only the descriptions of the stored maps (reads the Parquet footer, not the rows)."""
     path = table_path(lake)
-    if not path.is_file():
+    if not fetch(lake, path):
         return {}
     raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
     return json.loads(raw).get("maps", {}) if raw else {}
@@ -183,6 +206,7 @@ def replace_map(lake: str | os.PathLike[str], key: str, rows: pa.Table, meta: di
     tmp = _tmp(path)
     pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
     atomic_replace(tmp, path)
+    publish(lake, path)
     return path
 
 

@@ -171,7 +171,12 @@ class LakeStatus:
 
     @property
     def exists(self) -> bool:
-        return (self.path / "manifest.json").is_file()
+        from imgrec.lake import Lake
+
+        try:
+            return Lake(self.path).exists
+        except OSError:
+            return False
 
     @property
     def size(self) -> int:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from imgrec import similarity as sim
 from imgrec.config import Config
-from imgrec.index import current_dir, index_root, path_keys
+from imgrec.index import INDEXES, current_dir, index_root, path_keys, push_index
 from imgrec.lake import Lake, LakeError, atomic_write_bytes, now
 
 
@@ -194,6 +194,11 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         atomic_write_bytes(index_root(lake) / "CURRENT", out.name.encode())
+        if lake.remote:  # beside the lake on S3: the new files, then CURRENT
+            before = set(json.loads((prev / "thumbs.json").read_text())) if prev and (prev / "thumbs.json").is_file() \
+                else set()
+            push_index(lake, out, [s for s in json.loads((out / "thumbs.json").read_text()) if s not in before])
+            _drop_old_remote(lake, keep={out.name, keep})
         _drop_old(index_root(lake), keep={out.name, keep})
         if log:
             log(f"imgrec: index of snapshot {manifest.snapshot} ({len(ids)} images) built in "
@@ -321,6 +326,28 @@ def _drop_old(root: Path, keep: set[str]) -> None:
     for seg in (root / THUMBS_DIR).glob("*.bin") if (root / THUMBS_DIR).is_dir() else []:
         if seg.name not in used:  # a searcher still mapping it keeps its pages (Linux); new ones no longer see it
             seg.unlink(missing_ok=True)
+
+
+def _drop_old_remote(lake: Lake, keep: set[str]) -> None:
+    """The S3 lake's older indexes (not ``keep``), and the thumbnail segments only they used."""
+    entries = lake.store.list(INDEXES)
+    snaps: dict[str, list[str]] = {}
+    for e in entries:
+        parts = e.path.split("/")
+        if len(parts) == 3 and parts[1].startswith("snap-"):
+            snaps.setdefault(parts[1], []).append(e.path)
+    used: set[str] = set()
+    for name, files in snaps.items():
+        if name in keep:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                used |= set(json.loads(lake.store.read_bytes(f"{INDEXES}/{name}/thumbs.json")))
+        else:
+            for f in files:
+                lake.store.delete(f)
+    for e in entries:
+        parts = e.path.split("/")
+        if len(parts) == 3 and parts[1] == THUMBS_DIR and parts[2] not in used:
+            lake.store.delete(e.path)
 
 
 THUMBS_DIR = "thumbs"  # indexes/thumbs/<segment>.bin: the thumbnails' bytes, shared by the snapshots' indexes

@@ -37,7 +37,7 @@ from imgrec.features.extract import HandFeatures, content_hash, decode_side, ext
 from imgrec.features.runtime import ensure_onnx
 from imgrec.imaging import ImageError, read_file
 from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
-from pipelines.walk import walk
+from pipelines.walk import walk_any
 from pipelines.workers import WorkerPool
 
 Progress = Callable[[int, int], None]
@@ -140,13 +140,17 @@ def _work(task: Task, reuse: bool = True) -> Done:
     """Read and extract one file: (task, content hash, features or None, error reason or None, read seconds)."""
     t0 = time.perf_counter()
     try:  # never blocks on a FIFO put in the file's place; refuses a file that changes while it is read
-        data, st = read_file(task.path, _W.get("max_bytes"))
+        if task.path.startswith("s3://"):
+            data, size, mtime_ns = _read_object(task, _W.get("max_bytes"))
+        else:
+            data, st = read_file(task.path, _W.get("max_bytes"))
+            size, mtime_ns = st.st_size, st.st_mtime_ns
     except OSError as exc:
         return task, "", None, f"cannot read file: {exc.strerror or exc}", time.perf_counter() - t0
     except ImageError as exc:
         return task, "", None, str(exc), time.perf_counter() - t0
-    if (st.st_size, st.st_mtime_ns) != (task.size, task.mtime_ns):  # changed since the walk: record what was read
-        task = replace(task, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    if (size, mtime_ns) != (task.size, task.mtime_ns):  # changed since the walk: record what was read
+        task = replace(task, size=size, mtime_ns=mtime_ns)
     read_s = time.perf_counter() - t0
     chash = content_hash(data)
     if reuse and (chash == task.old_hash or chash in _W["reusable"]):
@@ -160,6 +164,27 @@ def _work(task: Task, reuse: bool = True) -> Done:
     except Exception as exc:  # never let one file stop the run
         return task, chash, None, f"unexpected decoder error: {exc.__class__.__name__}: {exc}", read_s
     return task, chash, feats, None, read_s
+
+
+_STORES: dict[tuple[int, str], Any] = {}  # per process (s3fs does not survive a fork) and bucket
+
+
+def _read_object(task: Task, max_bytes: int | None) -> tuple[bytes, int, int]:
+    """An S3 object's bytes, its size and modification time (those of the listing, unless it was replaced
+    meanwhile: then asked again)."""
+    from imgrec.storage import open_store
+
+    if max_bytes is not None and task.size > max_bytes:
+        raise ImageError(f"file too large: {task.size:,} bytes is over the limit of {max_bytes:,}", "too_large")
+    bucket = task.path.removeprefix("s3://").split("/", 1)[0]
+    key = (os.getpid(), bucket)
+    store = _STORES.get(key) or _STORES.setdefault(key, open_store(f"s3://{bucket}"))
+    rel = task.path.removeprefix(f"s3://{bucket}/")
+    data = store.read_bytes(rel)
+    if len(data) == task.size:
+        return data, task.size, task.mtime_ns
+    newer = {e.path: e for e in store.list(rel)}.get(rel)  # replaced after the listing: what was read
+    return data, len(data), newer.mtime_ns if newer else task.mtime_ns
 
 
 FAULT_ENV = "IMGREC_FAULT_CRASH_ON"  # tests: a worker process decoding a file of this name dies with SIGSEGV
@@ -195,15 +220,21 @@ class _Batch:
         return out
 
 
-def _collection_names(roots: Sequence[Path], existing: dict[str, str]) -> dict[Path, str]:
-    by_root = {Path(r): n for n, r in existing.items()}
+def _root(r: str | os.PathLike[str]) -> Path | str:
+    if str(r).startswith("s3://"):
+        return str(r).rstrip("/")
+    return Path(os.path.abspath(Path(r).expanduser()))
+
+
+def _collection_names(roots: Sequence[Path | str], existing: dict[str, str]) -> dict[Path | str, str]:
+    by_root = {_root(r): n for n, r in existing.items()}
     taken = set(existing)
-    out: dict[Path, str] = {}
+    out: dict[Path | str, str] = {}
     for root in roots:
         if root in by_root:
             out[root] = by_root[root]
             continue
-        base = root.name or "root"
+        base = (root.name if isinstance(root, Path) else root.rsplit("/", 1)[-1]) or "root"
         name, i = base, 2
         while name in taken:
             name, i = f"{base}_{i}", i + 1
@@ -227,10 +258,11 @@ def ingest(
     Setting ``stop`` (or Ctrl-C / SIGTERM in the main thread) ends the run early: what is finished is committed,
     and the next run resumes from there (``report.interrupted``).
     """
-    # absolute, but symlinks kept as the person wrote them, so result paths read as they know them
-    roots = list(dict.fromkeys(Path(os.path.abspath(Path(r).expanduser())) for r in roots))
+    # absolute, but symlinks kept as the person wrote them, so result paths read as they know them; s3:// roots as
+    # they are (without a trailing slash)
+    roots = list(dict.fromkeys(_root(r) for r in roots))
     for r in roots:
-        if not r.is_dir():
+        if isinstance(r, Path) and not r.is_dir():
             raise NotADirectoryError(f"{r} is not a folder")
     model = spec(config.model)
     lake = Lake(config.lake)
@@ -267,7 +299,7 @@ def ingest(
             bad_reason = dict(conn.sql("SELECT relpath, reason FROM skipped WHERE collection = ?", [name]))
             seen: set[str] = set()
             errs: list[tuple[str, str]] = []
-            for rec in walk(root, errs):
+            for rec in walk_any(root, errs):
                 seen.add(rec.relpath)
                 report.scanned += 1
                 old = known.get(rec.relpath)
@@ -635,7 +667,8 @@ class _Runner:
         t0 = time.perf_counter()
         m = self.writer.manifest
         frames = self.batch.frames(schemas(m.bins, int(m.model["dim"])))
-        self.writer.commit(frames, next_image_id=self.next_id)
+        committed = self.writer.commit(frames, next_image_id=self.next_id)
+        self.next_id = committed.next_image_id  # moved up if another writer took these ids meanwhile
         self.committed = True
         self.batch.rows.clear()
         self.batch.images = 0

@@ -264,7 +264,7 @@ def project(lake_root: str | Path, features: str = "embedding", params: Params |
             "mapping the indexed snapshot (run `imgrec index` to catch up)")
     old_meta = proj.read_meta(lake.root).get(key)
     mpath = proj.model_path(lake.root, key)
-    reuse = (not refit and old_meta is not None and mpath.is_file() and params.method != "tsne"
+    reuse = (not refit and old_meta is not None and proj.fetch(lake.root, mpath) and params.method != "tsne"
              and old_meta.get("params", {}).get("fit") == params.fit_params()
              and (features != "embedding" or old_meta.get("space") == idx.meta.get("space")))  # new space: refit
     timings: dict[str, float] = {}
@@ -317,6 +317,7 @@ def project(lake_root: str | Path, features: str = "embedding", params: Params |
     if not reuse:
         if model["reducer"] is not None or params.method == "pca":
             proj.write_model(mpath, model)
+            proj.publish(lake.root, mpath)
         else:
             mpath.unlink(missing_ok=True)  # t-SNE: nothing to transform with
     rows = proj.map_rows(features, params.method, params.dims, ids, coords, clusters)
@@ -423,6 +424,7 @@ def evaluate(lake_root: str | Path, k: int = 10, global_queries: int = 1000, see
                                  "np_at_k": round(proj.neighbour_preservation(full[m["features"]], low, k, queries), 4),
                                  "queries": int(len(queries)), "timings": m.get("timings", {})})
     proj.write_json(proj.evaluation_path(lake.root), result)
+    proj.publish(lake.root, proj.evaluation_path(lake.root))
     return result
 
 

@@ -94,3 +94,28 @@ def walk(root: str | os.PathLike[str], errors: list[tuple[str, str]] | None = No
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a folder")
     yield from visit(root, "")
+
+
+def walk_store(root: str, errors: list[tuple[str, str]] | None = None) -> Iterator[FileRecord]:
+    """Every image object below an ``s3://bucket/prefix`` root, sorted by key: relpath, URL, size, and the object's
+    LastModified as its modification time (an object is replaced whole: a new upload changes it, and its size or
+    time, so the incremental run reads it again). Keys with ``..`` or empty segments are recorded as errors: their
+    relpath could not name a file inside the root."""
+    from imgrec.storage import open_store
+
+    store = open_store(root)
+    for e in sorted(store.list(""), key=lambda e: e.path):
+        if os.path.splitext(e.path)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        if any(part in ("", ".", "..") for part in e.path.split("/")):
+            if errors is not None:
+                errors.append((e.path, "an object key with an empty, '.' or '..' segment: not read"))
+            continue
+        yield FileRecord(e.path, store.join(e.path), e.size, e.mtime_ns)
+
+
+def walk_any(root: str | os.PathLike[str], errors: list[tuple[str, str]] | None = None) -> Iterator[FileRecord]:
+    """``walk`` for a folder, ``walk_store`` for an ``s3://`` root."""
+    if str(root).startswith("s3://"):
+        return walk_store(str(root), errors)
+    return walk(root, errors)

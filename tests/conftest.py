@@ -101,3 +101,73 @@ def _close_app_engines() -> Iterator[None]:
 def _no_env_lake(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("IMGREC_LAKE", raising=False)
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+class S3Server:
+    """A real S3 API server (moto, in its own process) on 127.0.0.1, and the AWS_* settings that point at it."""
+
+    def __init__(self, endpoint: str, proc: object) -> None:
+        self.endpoint, self.proc = endpoint, proc
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_REGION": "us-east-1"}
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name`` (once); its s3:// URL."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return f"s3://{name}"
+
+
+def start_s3_server(extra_env: dict[str, str] | None = None) -> S3Server:
+    import shutil
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or "moto_server"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(extra_env or {})})
+    endpoint = f"http://127.0.0.1:{port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            opener.open(endpoint + "/", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the S3 server (moto_server) did not start") from None
+            time.sleep(0.2)
+    return S3Server(endpoint, proc)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A moto S3 server for the session, its AWS_* settings in this process's environment (and so in the CLI
+    processes the tests start) while it runs."""
+    server = start_s3_server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.proc.terminate()
+        server.proc.wait(10)

@@ -52,7 +52,9 @@ def source_lake(given: Path | None, work: Path, log: Log) -> Source:
     """The lake whose features seed the synthetic collections (ingested and cached on first use)."""
     if given is not None:
         given = Path(given).expanduser().resolve()
-        if not (given / "manifest.json").is_file():
+        from imgrec.lake import Lake
+
+        if not Lake(given).exists:
             raise FileNotFoundError(f"there is no lake at {given}")
         n = count_images(given)
         return Source(given, "given", f"the lake {given} ({n:,} images)", n)
