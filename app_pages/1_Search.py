@@ -196,11 +196,18 @@ def _id_previews(status: ui.LakeStatus, ids: list[int]) -> list[tuple[str, bytes
     return [(names.get(i, f"#{i}"), thumbs.get(i)) for i in ids]
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def _small(thumb: bytes, side: int) -> bytes:
+    """A thumbnail of at most ``side`` px (at least 1 px each way: st.image's own resize to a width fails on a
+    256 x 1 strip)."""
+    return ui.query_thumbnail(thumb, side) or thumb
+
+
 def _show_queries(previews: list[tuple[str, bytes | None]], width: int = 72) -> None:
     """The query images in one compact row (thumbnails with their names)."""
     shown = [(name, thumb) for name, thumb in previews if thumb]
     if shown:
-        st.image([t for _, t in shown], width=width, caption=[n for n, _ in shown])
+        st.image([_small(t, width) for _, t in shown], caption=[n for n, _ in shown])
     missing = [name for name, thumb in previews if not thumb]
     if missing:
         st.caption(", ".join(missing))
@@ -383,10 +390,9 @@ def _show_result(status: ui.LakeStatus, state: dict[str, Any], shown_above: list
     mode = f" · every image scoring at least {threshold:.2f}" if threshold is not None else ""
     st.markdown(f"**{len(resp.results)} results** · {resp.measure} ({resp.distance}) · "
                 f"{resp.candidates:,} candidates · query time **{total:.1f} ms**{mode}")
-    legend = (" · " + " ".join(f'<span style="color:{c}">■</span> {m}' for m, c in ui.MEASURE_COLORS.items())
-              + " contributed to the score") if resp.measure == "mix" else ""
-    st.html(f"<span style='color:#888;font-size:0.85em'>stages: {ui.format_timings(resp.timings_ms)}{legend}"
-            "</span>")
+    legend = " · :blue[■] embedding :orange[■] color :green[■] hash: what each contributed to the score" \
+        if resp.measure == "mix" else ""  # the colours of ui.MEASURE_COLORS, by name
+    st.caption(f"stages: {ui.format_timings(resp.timings_ms)}{legend}")
     if not resp.results:
         st.info("No image of the lake matches (all were excluded or filtered out, or none reaches the threshold).")
         return

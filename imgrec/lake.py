@@ -175,6 +175,8 @@ class Lake:
         return self._latest_name() is not None
 
     def _latest_name(self) -> str | None:
+        if not self.remote and self.root.exists() and not self.root.is_dir():
+            raise LakeError(f"{self.root} is a file, not a lake folder")
         names = [e.path for e in self.store.list(SNAPSHOTS) if e.path.endswith(".json")
                  and e.path.rsplit("/", 1)[-1][:-5].isdigit()]
         if names:
@@ -468,13 +470,14 @@ def _with_version(df: pl.DataFrame, snapshot: int) -> pl.DataFrame:
     return df.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("version")) if "version" in df.columns else df
 
 
-def _register(con: Any, name: str, lake: Lake, parts: list[str]) -> None:
+def _register(con: Any, name: str, lake: Lake, parts: list[str]) -> Any:
     """A view ``name`` over the Parquet ``parts`` of the lake: read_parquet on disk; on S3 a pyarrow dataset through
-    the store's filesystem (DuckDB cannot fetch its S3 extension here, and needs none this way)."""
+    the store's filesystem (DuckDB cannot fetch its S3 extension here, and needs none this way), returned: it is
+    registered on the connection, and must be on each of its cursors too (``LakeConnection.cursor``)."""
     if not lake.remote:
         files = [str(lake.root / p) for p in parts]
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({sql_list(files)})")
-        return
+        return None
     import pyarrow.dataset as ds
 
     fs, root = lake.store.arrow()
@@ -484,6 +487,7 @@ def _register(con: Any, name: str, lake: Lake, parts: list[str]) -> None:
         raise StorageError(f"cannot read the lake's parts on {lake.url}: {exc}") from exc
     con.register(f"{name}_arrow", dataset)
     con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_arrow")
+    return dataset
 
 
 class LakeConnection:
@@ -502,11 +506,14 @@ class LakeConnection:
         import polars as pl
 
         self.con = duckdb.connect(config={"threads": max(1, min(4, os.cpu_count() or 1))})
+        self._datasets: dict[str, Any] = {}  # an S3 lake's tables, registered on every cursor
         sch = schemas(manifest.bins, int(manifest.model["dim"])) if manifest else schemas()
         for table in TABLES:
             parts = manifest.tables[table] if manifest else []
             if parts:
-                _register(self.con, _src(table), lake, parts)
+                dataset = _register(self.con, _src(table), lake, parts)
+                if dataset is not None:
+                    self._datasets[f"{_src(table)}_arrow"] = dataset
             else:
                 empty = pl.DataFrame(schema=sch[table]).to_arrow()  # noqa: F841 (read by DuckDB below)
                 self.con.execute(f"CREATE TABLE {_src(table)} AS SELECT * FROM empty")
@@ -540,6 +547,13 @@ class LakeConnection:
         )
         for table in ("color", "hashes", "embeddings", "labels", "thumbnails", "runs"):
             self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM {_src(table)}")
+
+    def cursor(self) -> Any:
+        """A DuckDB cursor over the same snapshot (for another thread)."""
+        cur = self.con.cursor()
+        for name, dataset in self._datasets.items():
+            cur.register(name, dataset)
+        return cur
 
     def sql(self, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """All rows of a query (fetched in full, so the connection is free for the next one)."""

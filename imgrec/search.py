@@ -231,7 +231,7 @@ class Engine:
         conn = self.conn
         if conn is None:
             raise LakeError("the lake is not open")
-        return conn.con.cursor()
+        return conn.cursor()
 
     def embedder(self) -> Any:
         """The lake's embedding model, loaded once (ONNX Runtime on the CPU where installed, else torch: see

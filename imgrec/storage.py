@@ -267,7 +267,9 @@ class S3Store(Store):
             try:
                 found = self.fs.find(base, detail=True, withdirs=False)
             except FileNotFoundError:
-                return []
+                found = {}
+            if not found and not self.fs.exists(self.bucket):  # nothing there, because there is no bucket
+                raise StorageError(describe(FileNotFoundError("NoSuchBucket"), self.url) or self.url)
         strip = len(self.key("")) + 1 if self.key("") else 0
         out = []
         for name, info in found.items():

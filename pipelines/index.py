@@ -384,7 +384,7 @@ def write_thumbnails(conn: Any, ids: np.ndarray, prev: Path | None, out: Path) -
 def _write_segment(conn: Any, ids: np.ndarray, locs: np.ndarray, rows: np.ndarray, number: int, store: Path) -> str:
     name = f"seg-{uuid.uuid4().hex[:16]}.bin"
     tmp = store / f".{name}.tmp"
-    cur = conn.con.cursor()
+    cur = conn.cursor()
     cur.register("wanted", pa.table({"image_id": pa.array(ids, pa.int64())}))
     reader = cur.sql("SELECT t.image_id, t.thumb FROM thumbnails t JOIN wanted w USING (image_id)").to_arrow_reader(4096)
     offset = 0

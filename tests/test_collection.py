@@ -247,10 +247,11 @@ def test_job_refuses_what_it_cannot_ingest(tmp_path: Path) -> None:
 def test_job_failure_is_a_clear_error(tmp_path: Path) -> None:
     make_collection(tmp_path / "pics", 2)
     lake = tmp_path / "lake"
-    with Lake(lake).writer():  # another writer holds the lake: the subprocess must say so
-        state = jobs.start(tmp_path / "pics", lake).wait(TIMEOUT)
+    (lake / "_snapshots").mkdir(parents=True)  # a lake of a newer imgrec: the subprocess must say so
+    (lake / "_snapshots" / f"{0:020d}.json").write_text('{"format": 99}')
+    state = jobs.start(tmp_path / "pics", lake).wait(TIMEOUT)
     assert state.status == "failed" and state.returncode == 2
-    assert "another process is writing the lake" in state.error
+    assert "lake format 99 is not supported" in state.error
     assert jobs.current(lake).state().status == "failed"  # any session sees the outcome
 
 

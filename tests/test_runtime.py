@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ingest_quietly, jpeg_bytes, make_collection, synthetic_image
 
 from imgrec.config import Config
 from imgrec.features.embed import Embedder, spec
@@ -24,7 +25,6 @@ from imgrec.features.runtime import (
     weights_checksum,
 )
 from imgrec.search import Engine
-from conftest import ingest_quietly, jpeg_bytes, make_collection, synthetic_image
 
 LITE0 = spec("efficientnet-lite0")
 

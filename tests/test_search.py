@@ -177,7 +177,9 @@ def test_history_remembers_searches_and_extra_stages(lake: tuple[Path, Path]) ->
     engine = Engine(Config.load(lake[1]))
     assert engine.history() == []
     assert set(engine.startup_ms) == {"index_open"}  # DuckDB opens when something needs it, not before
-    engine.thumbnails([0])
+    engine.thumbnails([0])  # from the index's store
+    assert "duckdb" not in engine.startup_ms
+    engine.lookup_ids([0])  # metadata the index does not hold: DuckDB
     assert {"index_open", "duckdb"} <= set(engine.startup_ms)
     a = engine.search(["id:0"], "hash", k=3)
     b = engine.search(["id:1", "id:2"], "color", k=4)
