@@ -213,7 +213,7 @@ def _show_queries(previews: list[tuple[str, bytes | None]], width: int = 72) -> 
         st.caption(", ".join(missing))
 
 
-def _options() -> dict[str, Any]:
+def _options(status: ui.LakeStatus) -> dict[str, Any]:
     """The search settings from the widgets (measure, distance, k or threshold, filters, weights)."""
     c1, c2 = st.columns(2, vertical_alignment="bottom")
     measure = c1.selectbox("Measure", MEASURES, index=MEASURES.index("mix"), key="measure",
@@ -223,7 +223,11 @@ def _options() -> dict[str, Any]:
                      help="mix fuses each measure's default distance; set the weights below")
         distance = None
     else:
-        distance = c2.selectbox("Distance", DISTANCES[measure], key=f"distance_{measure}")
+        index = status.engine.index if status.engine is not None else None
+        offered = [d for d in DISTANCES[measure] if d != "layout" or (index is not None and index.layout is not None)]
+        distance = c2.selectbox("Distance", offered, key=f"distance_{measure}",
+                                help="layout: colours and where they are (a few regions) and how they clump; "
+                                     "the others compare one colour histogram" if measure == "color" else None)
     mode = st.radio("Mode", ["Top k", "Range"], key="mode", horizontal=True,
                     help="Top k: the k best images. Range: every image scoring at least the threshold "
                          "(up to 1000).")
@@ -257,9 +261,18 @@ def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
         defaults = status.engine.config.weights
         weights = {
             "embedding": st.slider("embedding", 0.0, 1.0, float(defaults.get("embedding", 0.85)), 0.05, key="w_embedding"),
-            "color": st.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.1)), 0.05, key="w_color"),
+            "color": st.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.05)), 0.05, key="w_color"),
             "hash": st.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.3)), 0.05, key="w_hash"),
         }
+        applied = status.engine.mix_weights(status.engine.index, weights) if status.engine.index is not None \
+            else weights
+        agreement = (status.engine.index.meta.get("color_agreement") or {}).get("value") \
+            if status.engine.index is not None else None
+        if weights["color"] > 0 and applied.get("color", 0.0) < weights["color"] and agreement is not None:
+            st.caption(f"On this collection colour agrees little with content (agreement {agreement:.2f}, below "
+                       f"{status.engine.config.mix_gate_floor + 0.05:.2f}), so the mix counts colour "
+                       f"{applied['color'] / weights['color']:.0%} of its weight; set embedding and hash to 0 to "
+                       "rank by colour alone.")
         opts["weights"] = weights if opts["measure"] == "mix" else None
         opts["aggregate"] = st.selectbox(
             "Several query images", ["softmin", "mean", "min"], key="aggregate",
@@ -462,7 +475,7 @@ with name_tab:
 
 with st.sidebar:  # the settings beside the page, so that the results come right below the query images
     st.subheader("Search settings")
-    opts = _options()
+    opts = _options(status)
     _filters(status, opts)
 
 uploads = [(f.name, f.getvalue()) for f in files]

@@ -44,13 +44,16 @@ def _chosen() -> dict[str, Any]:
 
 
 def _start(lake: str) -> None:
+    from imgrec import access
+
     st.session_state.pop("join_error", None)
     params = _chosen()
     try:
+        ui.require_admin("join")
         jobs.start_join(lake, params["left"], params["right"], params["measure"], k=params["k"],
                         threshold=params["threshold"])
         st.session_state[JOB_KEY] = params
-    except jobs.JobError as exc:
+    except (jobs.JobError, access.Forbidden) as exc:
         st.session_state["join_error"] = str(exc)
 
 
@@ -65,7 +68,7 @@ def _form(status: ui.LakeStatus) -> None:
     c4, c5 = st.columns([2, 5], vertical_alignment="bottom")
     mode = c4.radio("Join", ["kNN", "Range"], horizontal=True, key="join_mode",
                     help="kNN: the k best on the right for every image on the left. Range: every pair scoring at "
-                         "least the threshold (0.875 under hash: near-duplicates, 16 of 128 bits)")
+                         "least the threshold (0.875 under hash: within 16 of 128 bits; the search's near-duplicates are within 24)")
     if mode == "kNN":
         c5.slider("k", 1, 20, 3, key="join_k")
     else:
@@ -164,7 +167,8 @@ def _groups(status: ui.LakeStatus, table: Any) -> None:
 status = ui.page_start("Join", ":material/join_inner:")
 lake = str(status.path)
 _form(status)
-st.button("Run the join", type="primary", icon=":material/join_inner:", on_click=_start, args=(lake,))
+st.button("Run the join", type="primary", icon=":material/join_inner:", on_click=_start, args=(lake,),
+          disabled=not ui.is_admin(), help=None if ui.is_admin() else "only an admin can run a join on this server")
 if st.session_state.get("join_error"):
     st.error(f"Cannot start: {st.session_state['join_error']}")
 _progress(lake)

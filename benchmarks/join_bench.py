@@ -29,8 +29,8 @@ def one(lake: str, measure: str, k: int | None, threshold: float | None, sample:
     import pyarrow.parquet as pq
 
     from imgrec import join as J
-    from imgrec.config import DISTANCES, Config
-    from imgrec.search import Engine, one_blas_thread
+    from imgrec.config import Config
+    from imgrec.search import Engine, default_distance, one_blas_thread
 
     engine = Engine(Config.load(lake))
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def one(lake: str, measure: str, k: int | None, threshold: float | None, sample:
             got = set(right[left == a].tolist()) | set(left[right == a].tolist())  # listed once, either way round
             per = J.pair_similarities(idx, np.full(idx.size - 1, r), every[every != r])
             score = per[measure] if measure != "mix" else engine.mix(
-                idx, {m: per[m] for m in weights}, weights, {m: DISTANCES[m][0] for m in per})[0]
+                idx, {m: per[m] for m in weights}, weights, {m: default_distance(idx, m) for m in per})[0]
             best = idx.ids[every[every != r][np.argsort(-score, kind="stable")[:k]]]
             mine = set(right[left == a].tolist())
             hits.append(len(set(best.tolist()) & (mine | got)) / k)

@@ -27,6 +27,7 @@ ADMIN_ACTIONS = {
     "keep_uploads": "add uploads to the lake",
     "make_map": "make a map of the collection",
     "stop_ingest": "stop an ingestion",
+    "join": "run a similarity join (a background job over the whole lake)",
 }
 
 

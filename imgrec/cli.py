@@ -13,7 +13,7 @@ from imgrec.config import DISTANCES, MEASURES, Config
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> Config:
-    overrides = {k: v for k, v in extra.items() if v is not None}
+    overrides = {k: v for k, v in {"backend": getattr(args, "backend", None), **extra}.items() if v is not None}
     return Config.load(args.lake, **overrides)
 
 
@@ -107,10 +107,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from imgrec.evaluate import evaluate, format_table
+    from imgrec.evaluate import EvalError, evaluate, format_table
 
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
-    report = evaluate(args.dataset, args.measure or MEASURES, lake=args.lake, multi=not args.no_multi,
+    if args.protocol == "lodo":
+        from imgrec.lodo import format_lodo, run
+
+        report = run([(d, args.label_by) for d in args.dataset], limit=args.limit or 1000, seed=args.seed, log=log,
+                     progress=not args.json and sys.stderr.isatty())
+        print(json.dumps(report, indent=1) if args.json else format_lodo(report))
+        if not args.json:
+            print(f"({report['seconds']} s)")
+        return 0
+    if len(args.dataset) != 1:
+        raise EvalError("give one labelled set (several: --protocol lodo)")
+    args.dataset = args.dataset[0]
+    report = evaluate(args.dataset, args.measure or MEASURES, label_by=args.label_by, lake=args.lake, multi=not args.no_multi,
                       near=not args.no_near, limit=args.limit, near_sample=args.near_sample, seed=args.seed,
                       log=log, progress=not args.json and sys.stderr.isatty())
     if args.json:
@@ -276,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def lake_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--lake", help="lake folder (default: $IMGREC_LAKE, else data/lake)")
+        sp.add_argument("--backend", choices=("auto", "onnx", "torch"),
+                        help="what runs the embedding model: onnx (ONNX Runtime on the CPU), torch, or auto (the "
+                             "default: torch on a GPU, else ONNX Runtime where installed; the same vectors)")
 
     sp = sub.add_parser("ingest", help="add or update folders of images in the lake (incremental, resumable)")
     sp.add_argument("roots", nargs="+", metavar="ROOT", help="folder(s) of images, walked recursively")
@@ -316,10 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("eval", help="retrieval quality on a labelled set (labels.csv: path, class_id)")
-    sp.add_argument("dataset", metavar="DATASET_DIR", help="folder with labels.csv and the images")
+    sp.add_argument("dataset", metavar="DATASET_DIR", nargs="+",
+                    help="folder with labels.csv and the images (--protocol lodo: two or more)")
+    sp.add_argument("--protocol", choices=("single", "lodo"), default="single",
+                    help="lodo: leave-one-dataset-out over the sets: the mix's fusion chosen on the others, "
+                         "reported on each held-out set (docs/relevance.md)")
+    sp.add_argument("--label-by", choices=("csv", "prefix", "auto"), default="auto",
+                    help="labels.csv, or the file name before its first dot (cat.1.jpg: cat); auto: labels.csv "
+                         "where there is one (default)")
     sp.add_argument("--lake", help="a lake that holds the set (default: a cache lake per set, ingested on first use)")
     sp.add_argument("--measure", action="append", choices=MEASURES, help="only this measure (repeatable)")
-    sp.add_argument("--limit", type=int, help="only the first N images as single-image queries")
+    sp.add_argument("--limit", type=int, help="only the first N images as single-image queries (lodo: a random "
+                    "sample of N per set, default 1000)")
     sp.add_argument("--near-sample", type=int, default=50, help="images with transformed copies (default 50)")
     sp.add_argument("--no-multi", action="store_true", help="skip the multi-image queries")
     sp.add_argument("--no-near", action="store_true", help="skip the near-duplicate retrieval")

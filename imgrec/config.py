@@ -12,7 +12,7 @@ LAKE_ENV = "IMGREC_LAKE"
 MEASURES = ("color", "hash", "embedding", "mix")
 MAX_QUERY_IMAGES = 5
 DISTANCES = {
-    "color": ("hellinger", "chi2", "intersection", "emd"),
+    "color": ("layout", "hellinger", "chi2", "intersection", "emd"),  # layout: where the index has it (else hellinger)
     "hash": ("phash+dhash", "phash", "dhash"),
     "embedding": ("cosine", "euclidean", "manhattan"),
     "mix": ("fused",),
@@ -73,6 +73,11 @@ class Config:
     whiten_power: float = 0.25  # each principal axis scaled by eigenvalue ** -power (0.5 = full whitening)
     space_min_images: int = 1000  # smaller lakes keep the model's vectors: too few images to fit the space on
     dba_k: int = 8  # database-side augmentation: each image averaged with its k nearest (itself first); 0: off
+    # colour layout space (the colour measure's default distance, imgrec.features.color.layout_descriptor): PCA to
+    # these dimensions, no whitening, then the same augmentation; chosen held-out (docs/relevance.md)
+    layout_dims: int = 128
+    layout_power: float = 0.0
+    layout_dba_k: int = 8
     # search
     expand_k: int = 5  # alpha query expansion: the embedding query plus its k nearest images (0: off)
     expand_alpha: float = 3.0
@@ -84,8 +89,12 @@ class Config:
     hnsw_expansion_search: int = 256
     search_threads: int = 0  # threads for a batch of graph searches (several query images; 0: every core)
     exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
-    mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.1), ("hash", 0.3))  # relevance.md
-    near_duplicate_bits: int = 16  # mix: the hash scores 0 beyond this Hamming distance (of 128 bits; 8 of 64)
+    mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.05), ("hash", 0.3))  # relevance.md
+    mix_fusion: str = "gated"  # imgrec.similarity.FUSIONS; chosen held-out (docs/relevance.md)
+    mix_gate_floor: float = 0.2  # gated: colour's weight is 0 up to this colour-content agreement of the collection
+    near_duplicate_bits: int = 24  # mix: the hash scores 0 beyond this Hamming distance (of 128 bits; 12 of 64)
+    near_candidate_bits: int = 16  # mix: the hash's own candidates are those within this (the radius table: 1.2 ms
+    # at 400k, 6.1 ms at 24 bits); copies between the two are found by the embedding and colour candidates
     softmin_tau: float = 0.05  # temperature of the multi-image soft minimum
 
     @classmethod

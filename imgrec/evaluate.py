@@ -50,7 +50,26 @@ def default_lake(dataset: Path) -> Path:
     return base / f"{dataset.resolve().name}-{key}"
 
 
-def read_labels(dataset: Path) -> list[tuple[str, int]]:
+LABEL_BY = ("csv", "prefix", "auto")  # auto: labels.csv where there is one, else the prefix
+
+
+def read_labels(dataset: Path, label_by: str = "csv") -> list[tuple[str, int]]:
+    """(path relative to the set, class id): from ``labels.csv``, or (``label_by="prefix"``) from each image file's
+    name before its first dot (``cat.12.jpg`` -> class ``cat``; classes numbered in name order)."""
+    if label_by == "auto":
+        label_by = "csv" if (dataset / "labels.csv").is_file() else "prefix"
+    if label_by == "prefix":
+        from imgrec.config import IMAGE_EXTENSIONS
+
+        files = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        names = [Path(f).name.split(".", 1)[0] for f in files]
+        classes = {c: i for i, c in enumerate(sorted(set(names)))}
+        if len(classes) < 2:
+            raise EvalError(f"{dataset}: the file names give {len(classes)} class(es) by their prefix; need 2 or more")
+        return [(f, classes[c]) for f, c in zip(files, names, strict=True)]
+    if label_by != "csv":
+        raise EvalError(f"unknown --label-by {label_by!r}: use {' or '.join(LABEL_BY)}")
     path = dataset / "labels.csv"
     if not path.is_file():
         raise EvalError(f"{dataset} has no labels.csv (columns path, class_id; paths relative to the folder)")
@@ -65,14 +84,15 @@ def read_labels(dataset: Path) -> list[tuple[str, int]]:
 
 
 def prepare(dataset: str | os.PathLike[str], lake: str | os.PathLike[str] | None = None,
-            log: Callable[[str], None] = lambda s: None, progress: bool = False) -> tuple[Any, LabelledSet]:
+            log: Callable[[str], None] = lambda s: None, progress: bool = False, label_by: str = "csv"
+            ) -> tuple[Any, LabelledSet]:
     """The engine over a lake holding the set (ingested there first if it is missing) and the labelled ids."""
     from imgrec.config import Config
     from imgrec.search import Engine
     from pipelines.ingest import ingest
 
     root = Path(os.path.abspath(Path(dataset).expanduser()))
-    items = read_labels(root)
+    items = read_labels(root, label_by)
     lake_path = Path(lake) if lake else default_lake(root)
     engine = Engine(Config.load(lake_path)) if Lake(lake_path).exists else None
     found = _match(engine, root, items) if engine else {}
@@ -258,13 +278,14 @@ def _top(engine: Any, ls: LabelledSet, data: bytes, measure: str) -> tuple[int |
 def evaluate(dataset: str | os.PathLike[str], measures: Sequence[str] = MEASURES, *,
              lake: str | os.PathLike[str] | None = None, multi: bool = True, near: bool = True,
              limit: int | None = None, near_sample: int = 50, sets_per_class: int = 5, seed: int = 0,
-             log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict[str, Any]:
+             log: Callable[[str], None] = lambda s: None, progress: bool = False, label_by: str = "csv"
+             ) -> dict[str, Any]:
     """The full report for one labelled set (see the module docstring); saved in the lake's ``reports/``."""
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise EvalError(f"unknown measure(s) {', '.join(unknown)}: choose from {', '.join(MEASURES)}")
     t0 = time.perf_counter()
-    engine, ls = prepare(dataset, lake, log=log, progress=progress)
+    engine, ls = prepare(dataset, lake, log=log, progress=progress, label_by=label_by)
     report: dict[str, Any] = {
         "dataset": str(ls.root), "name": ls.root.name, "images": len(ls.ids),
         "classes": len(set(ls.ids.values())), "lake": str(engine.lake.root), "snapshot": engine.snapshot,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -53,8 +54,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SRGB_TRANSFORMS: dict[tuple[bytes, str], object] = {}  # (profile digest, mode) -> ImageCms transform, or None
+_SRGB_LOCK = threading.Lock()
+
+
+def _srgb_transform(icc: bytes, mode: str) -> object | None:
+    """A cached LittleCMS transform from an embedded profile to sRGB (None: the profile is sRGB already, or
+    unusable: the pixels are then taken as they are)."""
+    import hashlib
+
+    key = (hashlib.blake2b(icc, digest_size=16).digest(), mode)
+    with _SRGB_LOCK:
+        if key in _SRGB_TRANSFORMS:
+            return _SRGB_TRANSFORMS[key]
+    from PIL import ImageCms
+
+    transform = None
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = (ImageCms.getProfileDescription(src) or "").strip().lower()
+        if not name.startswith("srgb") and src.profile.xcolor_space.strip() == ("CMYK" if mode == "CMYK" else "RGB"):
+            transform = ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                                renderingIntent=ImageCms.Intent.PERCEPTUAL,
+                                                flags=ImageCms.Flags.NOCACHE)  # NOCACHE: safe across threads
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        transform = None
+    with _SRGB_LOCK:
+        if len(_SRGB_TRANSFORMS) > 64:
+            _SRGB_TRANSFORMS.clear()
+        _SRGB_TRANSFORMS[key] = transform
+    return transform
+
+
+def to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+    """The pixels of an RGB or CMYK image in sRGB, by its embedded ICC profile (Adobe RGB, Display P3, a
+    camera's); unchanged without a profile, with an sRGB one, or with one LittleCMS cannot use."""
+    if not icc or img.mode not in ("RGB", "CMYK"):
+        return img
+    transform = _srgb_transform(icc, img.mode)
+    if transform is None:
+        return img
+    from PIL import ImageCms
+
+    try:
+        return ImageCms.applyTransform(img, transform)  # type: ignore[arg-type]
+    except (ImageCms.PyCMSError, ValueError):
+        return img
+
+
 def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None = 256) -> Decoded:
-    """Decode bytes to RGB with EXIF orientation applied; only the first frame of animations is used.
+    """Decode bytes to RGB with EXIF orientation applied and an embedded colour profile applied into sRGB (so the
+    same picture saved in two colour spaces looks, and is measured, the same); only the first frame of animations
+    is used.
 
     ``min_side`` lets JPEGs decode at a reduced scale (DCT draft mode) while keeping at least that many pixels on
     each side; ``None`` decodes at full size. Raises ImageError with the reason.
@@ -77,8 +128,14 @@ def decode(data: bytes, *, max_pixels: int = 180_000_000, min_side: int | None =
             orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
             if orientation in (5, 6, 7, 8):
                 w, h = h, w
+            icc = img.info.get("icc_profile")
             img = ImageOps.exif_transpose(img) or img
+            if icc and img.mode == "CMYK":
+                img = to_srgb(img, icc)
+                icc = None
             rgb = _to_rgb(img)
+            if icc and img.mode in ("RGB", "RGBA", "P"):
+                rgb = to_srgb(rgb, icc)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

@@ -3,9 +3,10 @@
 ``indexes/snap-<N>/`` holds the image ids (sorted), the features as .npy matrices (embeddings in float16 as searched:
 PCA-whitened and augmented for lakes of 1000 images or more, see ``pipelines.index.make_space``; colour histograms;
 packed hashes), ``rows.arrow`` (each row's path, collection, size and label: the results' metadata without a
-DuckDB query), ``whitening.npz`` (mean and projection from the model's vectors, where whitened), two usearch HNSW
-graphs (embedding: cosine; colour: L2 over square-rooted histograms, which ranks exactly as the Hellinger distance),
-and ``meta.json`` (snapshot, model, embedding space, random-pair baselines).
+DuckDB query), ``whitening.npz`` (mean and projection from the model's vectors, where whitened), the colour layout
+(``layout.npy``, float16, PCA'd by ``layout_space.npz`` and augmented like the embeddings; absent for lakes ingested
+before it), usearch HNSW graphs (embedding and layout: cosine; colour: L2 over square-rooted histograms, which ranks
+exactly as the Hellinger distance), and ``meta.json`` (snapshot, model, spaces, random-pair baselines).
 ``indexes/CURRENT`` names the directory in use. An index whose snapshot differs from the lake's is stale.
 """
 
@@ -166,6 +167,32 @@ class IndexSet:
 
         w = self.whitening
         return sim.apply_whitening(raw, *w) if w is not None else sim.l2_normalize(raw).astype(np.float32)
+
+    @cached_property
+    def layout(self) -> NDArray[np.float16] | None:
+        """The colour layout vectors as searched (unit norm, float16), memory-mapped; None for an index of a lake
+        ingested before the colour layout (its colour measure is the histogram)."""
+        f = self.path / "layout.npy"
+        return np.load(f, mmap_mode="r") if f.is_file() and (self.path / "layout.usearch").is_file() else None
+
+    @cached_property
+    def layout_space(self) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
+        """(mean, projection) of the colour layout's PCA; None where the descriptors are kept as they are."""
+        if not (self.path / "layout_space.npz").is_file():
+            return None
+        with np.load(self.path / "layout_space.npz") as z:
+            return z["mean"], z["projection"]
+
+    def project_layout(self, raw: NDArray[np.floating]) -> NDArray[np.float32]:
+        """Colour layout descriptor(s) of query images in the searched space (unit norm)."""
+        from imgrec import similarity as sim
+
+        w = self.layout_space
+        return sim.apply_whitening(raw, *w) if w is not None else sim.l2_normalize(raw).astype(np.float32)
+
+    @cached_property
+    def layout_hnsw(self) -> Any:
+        return _restore(self.path / "layout.usearch")
 
     @cached_property
     def metadata(self) -> Any:

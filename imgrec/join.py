@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from imgrec import similarity as sim
-from imgrec.config import DISTANCES, MEASURES
+from imgrec.config import MEASURES
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -91,6 +91,7 @@ class Features:
                                 for i in range(0, idx.size, 65536)]) if idx.size else np.empty(0, np.float32)
         self.inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
         self.sqrt_color = np.sqrt(np.asarray(idx.color, dtype=np.float32))
+        self.layout = None if idx.layout is None else sim.l2_normalize(np.asarray(idx.layout, dtype=np.float32))
         self.hashes = np.ascontiguousarray(idx.hashes)
 
     def pairs(self, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:
@@ -99,11 +100,15 @@ class Features:
             return {m: np.empty(0, np.float32) for m in ("embedding", "color", "hash")}
         ea, eb = np.asarray(self.emb[a], dtype=np.float32), np.asarray(self.emb[b], dtype=np.float32)
         cos = np.einsum("ij,ij->i", ea, eb) * self.inv[a] * self.inv[b]
-        diff = self.sqrt_color[a] - self.sqrt_color[b]
-        hell = np.clip(np.sqrt(0.5 * np.einsum("ij,ij->i", diff, diff)), 0.0, 1.0)
+        if self.layout is not None:  # the colour measure's default distance where the index has the layout
+            color = sim.to_similarity("color", "layout", np.einsum("ij,ij->i", self.layout[a], self.layout[b]))
+        else:
+            diff = self.sqrt_color[a] - self.sqrt_color[b]
+            color = sim.to_similarity("color", "hellinger",
+                                      np.clip(np.sqrt(0.5 * np.einsum("ij,ij->i", diff, diff)), 0.0, 1.0))
         ham = np.bitwise_count(self.hashes[a] ^ self.hashes[b]).sum(axis=1)
         return {"embedding": sim.to_similarity("embedding", "cosine", cos),
-                "color": sim.to_similarity("color", "hellinger", hell),
+                "color": color,
                 "hash": sim.to_similarity("hash", "phash+dhash", ham, dim=128)}
 
 
@@ -118,6 +123,10 @@ def _dense(idx: IndexSet, measure: str, a: NDArray[np.int64], r: NDArray[np.int6
         ea = sim.l2_normalize(np.asarray(idx.embeddings[a], dtype=np.float32))
         er = sim.l2_normalize(np.asarray(idx.embeddings[r], dtype=np.float32))
         return np.clip(ea @ er.T, 0.0, 1.0)
+    if measure == "color" and idx.layout is not None:
+        la = sim.l2_normalize(np.asarray(idx.layout[a], dtype=np.float32))
+        lr = sim.l2_normalize(np.asarray(idx.layout[r], dtype=np.float32))
+        return sim.to_similarity("color", "layout", la @ lr.T)
     if measure == "color":
         bc = np.sqrt(np.asarray(idx.color[a], dtype=np.float32)) @ np.sqrt(np.asarray(idx.color[r], dtype=np.float32)).T
         return (1.0 - np.sqrt(np.clip(1.0 - bc, 0.0, 1.0))).astype(np.float32)
@@ -152,7 +161,9 @@ def _score(plan: _Plan, a: NDArray[np.int64], b: NDArray[np.int64]) -> tuple[NDA
     per = plan.features.pairs(a, b)
     if plan.measure != "mix":
         return per[plan.measure], per
-    dists = {m: DISTANCES[m][0] for m in per}
+    from imgrec.search import default_distance
+
+    dists = {m: default_distance(plan.idx, m) for m in per}
     fused, _ = plan.engine.mix(plan.idx, {m: per[m] for m in plan.weights}, plan.weights, dists)
     return fused, per
 
@@ -163,8 +174,10 @@ def _candidates(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], N
     idx = plan.idx
     if plan.exact:  # every pair of the block, as dense matrices; the best (with some slack) scored again below
         if plan.measure == "mix":
+            from imgrec.search import default_distance
+
             dense = {m: _dense(idx, m, a, plan.right) for m in plan.weights}
-            S, _ = plan.engine.mix(idx, dense, plan.weights, {m: DISTANCES[m][0] for m in dense})
+            S, _ = plan.engine.mix(idx, dense, plan.weights, {m: default_distance(idx, m) for m in dense})
         else:
             S = _dense(idx, plan.measure, a, plan.right)
         keep = _select(S, plan.k, plan.threshold, a, plan.right, slack=4)
@@ -195,6 +208,8 @@ def _graph(plan: _Plan, measure: str, a: NDArray[np.int64]) -> NDArray[np.int64]
     idx = plan.idx
     if measure == "embedding":
         graph, X = idx.embedding_hnsw, np.asarray(idx.embeddings[a], dtype=np.float32)
+    elif measure == "color" and idx.layout is not None:
+        graph, X = idx.layout_hnsw, plan.features.layout[a]
     elif measure == "color":
         graph, X = idx.color_hnsw, np.sqrt(np.asarray(idx.color[a], dtype=np.float32))
     else:
@@ -308,8 +323,8 @@ def join_pairs(engine: Engine, left: str, right: str, measure: str = "embedding"
     if not exact and (measure == "mix" and "hash" in weights or measure == "hash" and threshold is not None):
         from imgrec.mih import RadiusIndex
 
-        radius = engine.config.near_duplicate_bits if measure == "mix" else int(np.floor((1.0 - threshold) * 128
-                                                                                          + 1e-9))
+        radius = min(engine.config.near_candidate_bits, engine.config.near_duplicate_bits) if measure == "mix" \
+            else int(np.floor((1.0 - threshold) * 128 + 1e-9))
         plan.near = RadiusIndex.build(plan.features.hashes, radius)
     if exact:  # blocks of LEFT x RIGHT of at most ~4M pairs
         batch = max(1, min(batch, 4_000_000 // max(R.rows.size, 1)))

@@ -56,11 +56,16 @@ LEGACY_MANIFEST = "manifest.json"
 GRACE_S = 600.0  # files of the snapshots of the last ten minutes are kept for their readers and writers
 COMPACT_BELOW_BYTES = 64 * 1024 * 1024
 MAX_CONFLICTS = 50  # commits retried on top of other writers' before giving up
-NEW_ID_TABLES = ("images", "color", "hashes", "embeddings", "labels", "thumbnails")  # rows keyed by a new image_id
+CACHED_TABLES = ("collections", "images", "removed", "skipped", "labels", "runs")  # an S3 lake's small tables: its
+# parts are downloaded once into the cache (they never change) and DuckDB reads them there; the others stream
+NEW_ID_TABLES = ("images", "color", "color_layout", "hashes", "embeddings", "labels", "thumbnails")  # rows keyed by a new image_id
 
 
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+LAYOUT_DIMS = 928  # imgrec.features.color.LAYOUT_DIMS (not imported: the lake loads no image code)
 
 
 def schemas(bins: int = 128, dim: int = 1280) -> dict[str, dict[str, pl.DataType]]:
@@ -82,6 +87,7 @@ def schemas(bins: int = 128, dim: int = 1280) -> dict[str, dict[str, pl.DataType
             "reason": pl.Utf8, "version": pl.Int64, "at": ts,
         },
         "color": {"image_id": pl.Int64, "hist": pl.Array(pl.Float32, bins)},
+        "color_layout": {"image_id": pl.Int64, "vector": pl.Array(pl.Float32, LAYOUT_DIMS)},
         "hashes": {"image_id": pl.Int64, "phash": pl.UInt64, "dhash": pl.UInt64},
         "embeddings": {"image_id": pl.Int64, "vector": pl.Array(pl.Float32, dim)},
         "labels": {
@@ -92,8 +98,8 @@ def schemas(bins: int = 128, dim: int = 1280) -> dict[str, dict[str, pl.DataType
     }
 
 
-TABLES = ("collections", "images", "removed", "skipped", "color", "hashes", "embeddings", "labels", "thumbnails",
-          "runs")  # the keys of schemas()
+TABLES = ("collections", "images", "removed", "skipped", "color", "color_layout", "hashes", "embeddings", "labels",
+          "thumbnails", "runs")  # the keys of schemas(); a lake written before color_layout has none of its parts
 
 
 class LakeError(RuntimeError):
@@ -226,6 +232,13 @@ class Lake:
             self.store.get_file(rel, local)
         elif not local.is_file():
             raise FileNotFoundError(local)
+        return local
+
+    def cached_part(self, rel: str) -> Path:
+        """A local copy of one of an S3 lake's part files (parts never change once written: fetched once)."""
+        local = self.local_dir("parts") / rel
+        if not local.is_file():
+            self.store.get_file(rel, local)
         return local
 
     # --- reading -------------------------------------------------------------------------------------------------
@@ -510,7 +523,10 @@ class LakeConnection:
         sch = schemas(manifest.bins, int(manifest.model["dim"])) if manifest else schemas()
         for table in TABLES:
             parts = manifest.tables[table] if manifest else []
-            if parts:
+            if parts and lake.remote and table in CACHED_TABLES:  # immutable parts: read from a local copy
+                files = [str(lake.cached_part(p)) for p in parts]
+                self.con.execute(f"CREATE VIEW {_src(table)} AS SELECT * FROM read_parquet({sql_list(files)})")
+            elif parts:
                 dataset = _register(self.con, _src(table), lake, parts)
                 if dataset is not None:
                     self._datasets[f"{_src(table)}_arrow"] = dataset
@@ -545,7 +561,7 @@ class LakeConnection:
               AND NOT EXISTS (SELECT 1 FROM images i WHERE i.collection = s.collection AND i.relpath = s.relpath)
             """
         )
-        for table in ("color", "hashes", "embeddings", "labels", "thumbnails", "runs"):
+        for table in ("color", "color_layout", "hashes", "embeddings", "labels", "thumbnails", "runs"):
             self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM {_src(table)}")
 
     def cursor(self) -> Any:

@@ -322,7 +322,7 @@ def _cold_start_child(lake: str, measure: str, query: str, k: int, t_parent: flo
     if "embedding" in measures:
         hnsw["embedding"] = engine.index.embedding_hnsw  # restored lazily by the first search otherwise
     if "color" in measures:
-        hnsw["color"] = engine.index.color_hnsw
+        hnsw["color"] = engine.index.color_hnsw if engine.index.layout is None else engine.index.layout_hnsw
     hnsw_ms = _ms(t)
     parts["index_open"] = round(engine.open_ms.get("index_open", 0.0) + hnsw_ms, 1)
     details["index_open"] = {"memory_map": engine.open_ms.get("index_open", 0.0), "hnsw_restore": hnsw_ms,

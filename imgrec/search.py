@@ -81,6 +81,8 @@ class QueryFeatures:
     image_id: int | None = None
     content_hash: str | None = None
     raw_emb: NDArray[np.float32] | None = None  # the model's output, for uploads (kept in the upload cache)
+    layout: NDArray[np.float32] | None = None  # the colour layout in the index's space (None: the index has none)
+    raw_layout: NDArray[np.float32] | None = None  # the descriptor as extracted, for uploads
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Engine:
         self.auto_index = auto_index
         self._lock = threading.RLock()
         self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
-        self._hnsw_locks = {"embedding": threading.Lock(), "color": threading.Lock()}
+        self._hnsw_locks = {"embedding": threading.Lock(), "color": threading.Lock(), "layout": threading.Lock()}
         self._embedder: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self.notices: list[str] = []
@@ -325,7 +327,9 @@ class Engine:
                     raise QueryError(f"image id {q.image_id} is not in the lake (removed, or never ingested)",
                                      "not_found") from None
                 out.append(QueryFeatures(np.asarray(idx.color[row]), np.asarray(idx.hashes[row]),
-                                         np.asarray(idx.embeddings[row], dtype=np.float32), q.image_id))
+                                         np.asarray(idx.embeddings[row], dtype=np.float32), q.image_id,
+                                         layout=None if idx.layout is None else
+                                         np.asarray(idx.layout[row], dtype=np.float32)))
                 continue
             data = q.data
             if data is None:
@@ -345,7 +349,8 @@ class Engine:
                     self._upload_cache.move_to_end(key)
             if hit is not None and (hit.raw_emb is not None or not need_embedding):  # the same bytes searched before
                 emb = idx.project(hit.raw_emb) if hit.raw_emb is not None else None
-                out.append(QueryFeatures(hit.hist, hit.hashes, emb, None, key, hit.raw_emb))
+                out.append(QueryFeatures(hit.hist, hit.hashes, emb, None, key, hit.raw_emb,
+                                         _project_layout(idx, hit.raw_layout), hit.raw_layout))
                 continue
             fresh.append(len(out))
             out.append(QueryFeatures(np.empty(0, np.float32), np.empty(0, np.uint64), None, None, key))
@@ -381,6 +386,7 @@ class Engine:
             timer.ms["decode"] = round(wall * sum(f.timings["decode"] for f, _ in done) / spent, 3)
         for (pos, _, _), (f, emb) in zip(todo, done, strict=True):
             out[pos].hist, out[pos].hashes = f.hist, f.hashes
+            out[pos].raw_layout, out[pos].layout = f.layout, _project_layout(idx, f.layout)
             if emb is not None:
                 out[pos].raw_emb, out[pos].emb = emb, idx.project(emb)
             elif f.crop is not None:
@@ -394,7 +400,8 @@ class Engine:
             for pos in fresh:
                 f = out[pos]
                 self._upload_cache[f.content_hash or ""] = QueryFeatures(f.hist, f.hashes, None, None,
-                                                                        f.content_hash, f.raw_emb)
+                                                                        f.content_hash, f.raw_emb,
+                                                                        raw_layout=f.raw_layout)
             while len(self._upload_cache) > UPLOAD_CACHE:
                 self._upload_cache.popitem(last=False)
         timer.lap("features")
@@ -454,24 +461,32 @@ class Engine:
             raise QueryError(f"give at most {MAX_QUERY_IMAGES} negative examples (got {len(negs)})")
         if measure not in MEASURES:
             raise QueryError(f"unknown measure {measure!r}: choose one of {', '.join(MEASURES)}")
-        distance = distance or DISTANCES[measure][0]
-        if distance not in DISTANCES[measure]:
-            raise QueryError(f"{measure} offers the distances {', '.join(DISTANCES[measure])}, not {distance!r}")
         if k < 1:
             raise QueryError("k must be at least 1")
         with self._lock:
             idx, conn_snapshot = self._require_index(), self.snapshot
+        distance = distance or default_distance(idx, measure)
+        if distance not in DISTANCES[measure]:
+            raise QueryError(f"{measure} offers the distances {', '.join(DISTANCES[measure])}, not {distance!r}")
+        if distance == "layout" and idx.layout is None:
+            raise QueryError("this lake's index has no colour layout (its images were ingested before it): choose "
+                             "another colour distance, or run imgrec ingest again (it adds the layout to the images that lack it)")
         w = {m: v for m, v in (weights or self.config.weights).items() if v > 0}
         if measure == "mix" and not w:
             raise QueryError("mix needs at least one measure with a positive weight")
         measures = list(w) if measure == "mix" else [measure]
-        dists = {m: (distance if m == measure else DISTANCES[m][0]) for m in ("color", "hash", "embedding")}
+        dists = {m: (distance if m == measure else default_distance(idx, m)) for m in ("color", "hash", "embedding")}
         need_emb = "embedding" in measures
         timer.lap("setup")
         all_feats = self.features(qs + negs, need_emb, timer)
         feats, neg_feats = all_feats[: len(qs)], all_feats[len(qs):]
-        if need_emb and self.config.expand_k > 0 and (expand if expand is not None else self.expands):
-            feats = self._expand(idx, feats)
+        spaces = [s for s, on in (
+            ("embedding", need_emb and (expand if expand is not None else self.expands)),
+            ("layout", "color" in measures and dists["color"] == "layout" and (
+                expand if expand is not None else idx.meta.get("color_space", {}).get("whitened")))) if on]
+        if self.config.expand_k > 0 and spaces:
+            for space in spaces:
+                feats = self._expand(idx, feats, space)
             all_feats = feats + neg_feats
             timer.lap("expand")
 
@@ -494,7 +509,8 @@ class Engine:
             if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
                 mid = _centroid(feats)
                 found += [self._candidates(idx, m, [mid], 2 * per_query, dists[m])[0]  # (mix: hashes: copies only)
-                          for m in measures if (m != "embedding" or mid.emb is not None) and m != "hash" or
+                          for m in measures if (m != "embedding" or mid.emb is not None) and (
+                              m != "color" or dists["color"] != "layout" or mid.layout is not None) and m != "hash" or
                           measure == "hash"]
             pool = np.unique(np.concatenate(found))
             if allowed is not None:
@@ -527,8 +543,9 @@ class Engine:
         per_measure = {m: sim.aggregate(S[m][:P], aggregate, tau) if pool.size else np.empty(0, np.float32)
                        for m in available}
         ranks = {m: sim.ranks_within(per_measure[m], order) for m in available}
-        total_w = sum(w.values())
-        contrib = {m: w[m] / total_w * sim.aggregate(norm[m][:P, order], aggregate, tau) for m in norm} \
+        wg = self.mix_weights(idx, w)
+        total_w = sum(v for v in wg.values() if v > 0)
+        contrib = {m: wg[m] / total_w * sim.aggregate(norm[m][:P, order], aggregate, tau) for m in norm} \
             if order.size else {}
         timer.lap("rerank")
 
@@ -579,36 +596,60 @@ class Engine:
     def mix(self, idx: IndexSet, S: dict[str, NDArray[np.float32]], weights: dict[str, float],
             dists: dict[str, str]) -> tuple[NDArray[np.float32], dict[str, NDArray[np.float32]]]:
         """The mix of per-measure similarities (any shape, the same for every measure): each normalised against the
-        collection's random-pair level, then their weighted mean; (mix, the normalised scores). The hash counts as
+        collection's random-pair level, then fused by ``Config.mix_fusion`` (per query image where they are
+        ``(images, candidates)``; pairs of a join: their weighted mean); (mix, the normalised scores). The hash counts as
         near-duplicate evidence only: 0 beyond ``near_duplicate_bits`` of 128."""
         base = {m: idx.meta.get("baselines", {}).get(m, {}).get(dists[m], 0.0) for m in S}
         if "hash" in base:
             base["hash"] = 1.0 - self.config.near_duplicate_bits / 128
         norm = {m: sim.normalize_to_baseline(S[m], base[m]) for m in S}
-        return sim.fuse(norm, weights), norm
+        method = self.config.mix_fusion
+        weights = self.mix_weights(idx, weights)
+        if method in ("adaptive", "rrf") and not all(np.ndim(v) == 2 for v in S.values()):
+            method = "weighted"  # pairs of a join: no query's candidates to adapt or rank over
+        return sim.fuse_scores(norm, weights, method), norm
+
+    def mix_weights(self, idx: IndexSet, weights: dict[str, float]) -> dict[str, float]:
+        """The weights the mix applies on this index: under the gated fusion, colour's weight scaled by how much
+        colour agrees with the content on this collection (``similarity.colour_gate``, measured at index build)."""
+        if self.config.mix_fusion != "gated" or weights.get("color", 0.0) <= 0 or \
+                not any(v > 0 for m, v in weights.items() if m != "color"):
+            return weights  # colour alone: what the person asked for
+        agreement = idx.meta.get("color_agreement", {}).get("value")
+        gate = 1.0 if agreement is None else sim.colour_gate(float(agreement), self.config.mix_gate_floor)
+        return {**weights, "color": weights["color"] * gate}
 
     @property
     def expands(self) -> bool:
         """Whether embedding queries are expanded by default: where the lake's embedding space is tuned."""
         return bool(self.index is not None and self.index.meta.get("space", {}).get("whitened"))
 
-    def _expand(self, idx: IndexSet, feats: list[QueryFeatures]) -> list[QueryFeatures]:
-        """Alpha query expansion of each query image's embedding with its nearest images (itself left out)."""
+    def _expand(self, idx: IndexSet, feats: list[QueryFeatures], space: str) -> list[QueryFeatures]:
+        """Alpha query expansion of each query image's embedding (``space`` "embedding") or colour layout
+        ("layout") with its nearest images (itself left out)."""
         k = self.config.expand_k
-        todo = [f for f in feats if f.emb is not None]
-        near = iter(self._candidates(idx, "embedding", todo, k + 1, "cosine", ef=self.config.expand_ef) if todo else [])
+        todo = [f for f in feats if getattr(f, "emb" if space == "embedding" else "layout") is not None]
+        if space == "embedding":
+            near = iter(self._candidates(idx, "embedding", todo, k + 1, "cosine", ef=self.config.expand_ef)
+                        if todo else [])
+        else:
+            near = iter(self._candidates(idx, "color", todo, k + 1, "layout", ef=self.config.expand_ef)
+                        if todo else [])
+        vectors = idx.embeddings if space == "embedding" else idx.layout
         out = []
         for f in feats:
-            if f.emb is None:
+            q = f.emb if space == "embedding" else f.layout
+            if q is None:
                 out.append(f)
                 continue
             rows = next(near)
             if f.image_id is not None:
                 rows = rows[idx.ids[rows] != f.image_id]
-            X = np.asarray(idx.embeddings[rows], dtype=np.float32)
-            s = X @ f.emb
+            X = np.asarray(vectors[rows], dtype=np.float32)
+            s = X @ q
             top = np.argsort(-s, kind="stable")[:k]
-            out.append(replace(f, emb=sim.expand_query(f.emb, X[top], s[top], self.config.expand_alpha)))
+            new = sim.expand_query(q, X[top], s[top], self.config.expand_alpha)
+            out.append(replace(f, emb=new) if space == "embedding" else replace(f, layout=new))
         return out
 
     def _require_index(self) -> IndexSet:
@@ -623,19 +664,22 @@ class Engine:
 
         The graph searches of all query images run as one batch, on ``Config.search_threads`` threads.
         ``near_only`` (mix, where the hash is near-duplicate evidence only): the hash's candidates are only the
-        images within ``near_duplicate_bits`` (usually none or a few), which keeps the pooled candidates small.
+        images within ``near_candidate_bits`` (usually none or a few), which keeps the pooled candidates small.
         ``ef``: the graph search's breadth (default ``Config.hnsw_expansion_search``; at least ``count``).
         """
         count = min(count, idx.size)
         if measure == "hash":
             return [self._hash_candidates(idx, f, count, distance, near_only) for f in feats]
-        if measure == "color":
+        graph = measure
+        if measure == "color" and distance == "layout":
+            hnsw, X, graph = idx.layout_hnsw, np.stack([f.layout for f in feats]).astype(np.float32), "layout"
+        elif measure == "color":
             hnsw, X = idx.color_hnsw, np.sqrt(np.stack([f.hist for f in feats]).astype(np.float32))
             count = min(idx.size, count * (1 if distance == "hellinger" else 4))
         else:
             hnsw, X = idx.embedding_hnsw, np.stack([f.emb for f in feats]).astype(np.float32)
         threads = min(len(feats), self.config.search_threads or os.cpu_count() or 1)
-        with self._hnsw_locks[measure]:  # expansion_search is a property of the shared graph: set and search together
+        with self._hnsw_locks[graph]:  # expansion_search is a property of the shared graph: set and search together
             hnsw.expansion_search = max(ef or self.config.hnsw_expansion_search, count)
             matches = hnsw.search(X, count, threads=threads)
         if not hasattr(matches, "counts"):  # one query vector: usearch answers with a single Matches
@@ -644,8 +688,10 @@ class Engine:
         return [idx.rows(keys[i, : c]) for i, c in enumerate(np.asarray(matches.counts))]
 
     def _near_radius(self, cols: slice) -> int:
-        """The near-duplicate radius in bits over the hash words ``cols`` (``near_duplicate_bits`` is per 128)."""
-        return self.config.near_duplicate_bits * (cols.stop - cols.start) // 2
+        """The radius in bits over the hash words ``cols`` within which the mix's hash finds its own candidates
+        (``near_candidate_bits`` per 128, at most ``near_duplicate_bits``)."""
+        bits = min(self.config.near_candidate_bits, self.config.near_duplicate_bits)
+        return bits * (cols.stop - cols.start) // 2
 
     def _hash_candidates(self, idx: IndexSet, f: QueryFeatures, count: int, distance: str, near_only: bool
                          ) -> NDArray[np.int64]:
@@ -680,6 +726,10 @@ class Engine:
                 return sim.to_similarity("embedding", "cosine", np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
             fn = {"euclidean": sim.euclidean_distance, "manhattan": sim.manhattan_distance}[distance]
             return np.stack([sim.to_similarity("embedding", distance, fn(f.emb, X), dim=X.shape[1]) for f in feats])
+        if measure == "color" and distance == "layout":
+            X = np.asarray(idx.layout[pool], dtype=np.float32)
+            Q = sim.l2_normalize(np.stack([f.layout for f in feats]))
+            return sim.to_similarity("color", "layout", np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
         if measure == "color":
             X = np.asarray(idx.color[pool], dtype=np.float32)
             bins = tuple(idx.meta["color_bins"])
@@ -854,7 +904,21 @@ def _centroid(feats: Sequence[QueryFeatures]) -> QueryFeatures:
     emb = sim.l2_normalize(np.mean(embs, axis=0)) if len(embs) == len(feats) else None
     bits = np.unpackbits(np.stack([f.hashes for f in feats]).astype(">u8").view(np.uint8), axis=1)
     majority = np.packbits(2 * bits.sum(axis=0) > len(feats)).view(">u8").astype(np.uint64)
-    return QueryFeatures(hist, majority, emb)
+    layouts = [f.layout for f in feats if f.layout is not None]
+    layout = sim.l2_normalize(np.mean(layouts, axis=0)) if layouts and len(layouts) == len(feats) else None
+    return QueryFeatures(hist, majority, emb, layout=layout)
+
+
+def default_distance(idx: IndexSet | None, measure: str) -> str:
+    """A measure's default distance on this index: colour by its layout where the index has one (lakes ingested
+    before it: the histogram's Hellinger distance), else the first of ``DISTANCES``."""
+    if measure == "color":
+        return "layout" if idx is not None and idx.layout is not None else "hellinger"
+    return DISTANCES[measure][0]
+
+
+def _project_layout(idx: IndexSet, raw: NDArray[np.float32] | None) -> NDArray[np.float32] | None:
+    return idx.project_layout(raw) if raw is not None and idx.layout is not None else None
 
 
 def _hash_cols(distance: str) -> slice:

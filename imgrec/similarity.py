@@ -168,8 +168,8 @@ def hamming_distance(q: NDArray[np.uint64], X: NDArray[np.uint64]) -> NDArray[np
 def to_similarity(measure: str, distance: str, values: Floats, *, dim: int = 1) -> F32:
     """Map a measure's raw output to a similarity in [0, 1] (1 = identical)."""
     v = np.asarray(values, dtype=np.float32)
-    if measure == "embedding":
-        if distance == "cosine":
+    if measure == "embedding" or distance == "layout":  # layout: the cosine of two colour layout vectors
+        if distance in ("cosine", "layout"):
             sim = v
         elif distance == "euclidean":  # unit vectors: d in [0, 2]
             sim = 1.0 - v / 2.0
@@ -195,6 +195,80 @@ def fuse(scores: Mapping[str, Floats], weights: Mapping[str, float]) -> F32:
         raise ValueError("mix needs at least one measure with a positive weight")
     total = sum(weights[m] for m in used)
     return (sum(weights[m] * np.asarray(scores[m], dtype=np.float32) for m in used) / total).astype(np.float32)
+
+
+FUSIONS = ("weighted", "adaptive", "rrf", "gated")  # gated: weighted, colour's weight scaled by colour_gate
+
+
+def colour_agreement(emb_of_colour_top: Floats, emb_of_emb_top: Floats) -> float:
+    """How much the colour measure agrees with the content on this collection, in [0, 1]: over sampled images, the
+    mean (baseline-normalised) embedding similarity of each image's colour nearest, divided by that of its
+    embedding nearest (rows: sampled images, columns: their k nearest). 1: colour finds what the embedding finds
+    (colour is part of what the photos are about); near 0: colour neighbours are unrelated in content."""
+    num = np.asarray(emb_of_colour_top, dtype=np.float64).mean(axis=1)
+    den = np.asarray(emb_of_emb_top, dtype=np.float64).mean(axis=1)
+    return float(np.clip(num / np.maximum(den, 1e-6), 0.0, 1.0).mean()) if num.size else 0.0
+
+
+GATE_RAMP = 0.05  # colour_gate: from 0 to its full weight over this much agreement above the floor
+
+
+def colour_gate(agreement: float, floor: float, ramp: float = GATE_RAMP) -> float:
+    """The share of its weight colour keeps in the mix: 0 up to ``floor`` agreement, all of it from ``floor +
+    ramp``. Colour helps the mix only where it agrees with the content, and then about equally much (measured:
+    docs/relevance.md); where it does not (cats vs dogs: every colour in both classes) it is kept out, so the mix
+    is the embedding's ranking there."""
+    return float(np.clip((agreement - floor) / max(ramp, 1e-6), 0.0, 1.0))
+ADAPTIVE_TOP, ADAPTIVE_REST = 5, (50, 100)  # adaptive: the mean of the best 5 against ranks 50 to 100
+RRF_K = 60
+
+
+def separation(S: Floats) -> F32:
+    """How clearly each row's best scores stand out: the mean of its ``ADAPTIVE_TOP`` best minus the mean of its
+    ranks ``ADAPTIVE_REST`` (fewer columns: its lower half), at least 0. A measure that ranks a few images far
+    above the rest for this query is trusted more (the query-adaptive weights of ``fuse_scores``)."""
+    S = np.atleast_2d(np.asarray(S, dtype=np.float32))
+    n = S.shape[1]
+    if n < 2:
+        return np.zeros(S.shape[0], np.float32)
+    lo, hi = ADAPTIVE_REST if n > ADAPTIVE_REST[1] else (n // 2, n)
+    top = -np.sort(-S, axis=1)[:, :hi]
+    return np.clip(top[:, : min(ADAPTIVE_TOP, lo or 1)].mean(axis=1) - top[:, lo:hi].mean(axis=1), 0.0, None
+                   ).astype(np.float32)
+
+
+def fuse_scores(scores: Mapping[str, Floats], weights: Mapping[str, float], method: str = "weighted") -> F32:
+    """Fuse already-normalised per-measure scores (each ``(queries, candidates)``, or one row) into one score.
+
+    ``weighted``: their weighted mean (``fuse``). ``adaptive``: per query row, the weights of the embedding and the
+    colour scaled by how clearly that measure separates its best candidates (``separation``). ``rrf``: reciprocal
+    rank fusion, ``sum w / (RRF_K + rank)``, rescaled so that first under every measure scores 1. Under every
+    method the hash counts as near-duplicate evidence added by its weight, so a copy stays first.
+    """
+    if method in ("weighted", "gated"):  # gated: the caller has scaled colour's weight (colour_gate)
+        return fuse(scores, weights)
+    used = [m for m in scores if weights.get(m, 0.0) > 0]
+    if not used:
+        raise ValueError("mix needs at least one measure with a positive weight")
+    rows = {m: np.atleast_2d(np.asarray(scores[m], dtype=np.float32)) for m in used}
+    graded = [m for m in used if m != "hash"]
+    if method == "adaptive":
+        w = {m: weights[m] * separation(rows[m])[:, None] for m in graded}
+        total = sum(w.values()) + sum(weights[m] for m in used if m == "hash")
+        total = np.where(np.asarray(total) > 0, total, 1.0)
+        out = sum(w[m] * rows[m] for m in graded) + sum(weights[m] * rows[m] for m in used if m == "hash")
+        out = out / total
+    elif method == "rrf":
+        fused = np.zeros_like(rows[used[0]])
+        for m in graded:
+            rank = np.argsort(np.argsort(-rows[m], axis=1, kind="stable"), axis=1)
+            fused += weights[m] * (RRF_K + 1.0) / (RRF_K + 1.0 + rank)
+        total = sum(weights[m] for m in graded) or 1.0
+        out = fused / total + sum(weights[m] * rows[m] for m in used if m == "hash")
+    else:
+        raise ValueError(f"unknown fusion {method!r}: use {', '.join(FUSIONS)}")
+    out = np.asarray(out, dtype=np.float32)
+    return out.reshape(np.shape(scores[used[0]])) if np.ndim(scores[used[0]]) < 2 else out
 
 
 def soft_min(S: Floats, tau: float = 0.05, axis: int = 0) -> F32:

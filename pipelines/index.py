@@ -25,7 +25,7 @@ import pyarrow as pa
 from imgrec import similarity as sim
 from imgrec.config import Config
 from imgrec.index import INDEXES, current_dir, index_root, path_keys, push_index
-from imgrec.lake import Lake, LakeError, atomic_write_bytes, now
+from imgrec.lake import LAYOUT_DIMS, Lake, LakeError, atomic_write_bytes, now
 
 
 def _matrix(col: pa.ChunkedArray | pa.Array, dim: int, dtype: Any) -> np.ndarray:
@@ -35,15 +35,16 @@ def _matrix(col: pa.ChunkedArray | pa.Array, dim: int, dtype: Any) -> np.ndarray
     return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(arr), dim)
 
 
-def _raw_embeddings(conn: Any, ids: np.ndarray, dim: int, path: Path, batch: int = 65_536) -> np.ndarray:
-    """The model's vectors of the images ``ids`` (ascending), in that order, streamed from DuckDB batch by batch
-    into a float32 .npy file at ``path``, opened memory-mapped: 1M images are 5 GB on disk, a batch in memory
-    (reading them as one table held them twice, about 18 GB at 1M)."""
+def _raw_embeddings(conn: Any, ids: np.ndarray, dim: int, path: Path, batch: int = 65_536, *,
+                    table: str = "embeddings", column: str = "vector") -> np.ndarray:
+    """The model's vectors (or another table's vector ``column``) of the images ``ids`` (ascending), in that order,
+    streamed from DuckDB batch by batch into a float32 .npy file at ``path``, opened memory-mapped: 1M images are
+    5 GB on disk, a batch in memory (reading them as one table held them twice, about 18 GB at 1M)."""
     if len(ids) == 0:
         return np.empty((0, dim), dtype=np.float32)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(ids), dim))
     seen = np.zeros(len(ids), dtype=bool)
-    reader = conn.con.sql("SELECT image_id, vector FROM embeddings WHERE image_id IN (SELECT image_id FROM images)"
+    reader = conn.con.sql(f"SELECT image_id, {column} FROM {table} WHERE image_id IN (SELECT image_id FROM images)"
                           ).to_arrow_reader(batch)
     for b in reader:
         pos = np.searchsorted(ids, b.column(0).to_numpy().astype(np.int64))
@@ -51,12 +52,12 @@ def _raw_embeddings(conn: Any, ids: np.ndarray, dim: int, path: Path, batch: int
         seen[pos] = True
     out.flush()
     if not seen.all():
-        raise LakeError(f"{int((~seen).sum())} images lack an embedding; the lake is inconsistent")
+        raise LakeError(f"{int((~seen).sum())} images lack {table}; the lake is inconsistent")
     return np.load(path, mmap_mode="r")
 
 
-def baselines(emb: np.ndarray, color: np.ndarray, hashes: np.ndarray, pairs: int = 4000, seed: int = 0
-              ) -> dict[str, dict[str, float]]:
+def baselines(emb: np.ndarray, color: np.ndarray, hashes: np.ndarray, layout: np.ndarray | None = None,
+              pairs: int = 4000, seed: int = 0) -> dict[str, dict[str, float]]:
     """Median similarity of random pairs of the collection, per measure and distance (the 'chance' level)."""
     n = emb.shape[0]
     if n < 2:
@@ -77,10 +78,46 @@ def baselines(emb: np.ndarray, color: np.ndarray, hashes: np.ndarray, pairs: int
     for name, fn in sim.HISTOGRAM_DISTANCES.items():
         d = np.array([fn(ca[i], cb[i : i + 1])[0] for i in range(min(pairs, 1000))])
         out["color"][name] = float(np.median(sim.to_similarity("color", name, d)))
+    if layout is not None:
+        cos = np.einsum("ij,ij->i", layout[a].astype(np.float32), layout[b].astype(np.float32))
+        out["color"]["layout"] = float(np.median(sim.to_similarity("color", "layout", cos)))
     for name, cols in (("phash+dhash", [0, 1]), ("phash", [0]), ("dhash", [1])):
         x = np.bitwise_count(np.bitwise_xor(hashes[a][:, cols], hashes[b][:, cols])).sum(axis=1)
         out["hash"][name] = float(np.median(sim.to_similarity("hash", name, x, dim=64 * len(cols))))
     return out
+
+
+def colour_agreement(ids: np.ndarray, emb: np.ndarray, emb_graph: Any, colour: np.ndarray, colour_graph: Any,
+                     emb_baseline: float, threads: int, sample: int = 1000, k: int = 10, seed: int = 0
+                     ) -> dict[str, Any]:
+    """How much the colour measure's nearest images agree with the embedding's on this collection
+    (``similarity.colour_agreement`` over a seeded sample, neighbours from the graphs just built): what the gated
+    mix scales colour's weight by."""
+    n = len(ids)
+    if n <= k + 1:
+        return {"value": None, "sample": 0, "k": k}
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, min(sample, n), replace=False))
+    E = np.asarray(emb, dtype=np.float32)
+
+    def nearest(graph: Any, X: np.ndarray) -> np.ndarray:
+        found = graph.search(np.ascontiguousarray(X, dtype=np.float32), k + 1, threads=threads)
+        keys = np.asarray(found.keys, dtype=np.int64).reshape(len(rows), -1)
+        pos = np.clip(np.searchsorted(ids, keys), 0, n - 1)
+        pos[(keys < 0) | (ids[pos] != keys)] = -1
+        return pos
+
+    def emb_sims(nn: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(rows), k), np.float32)
+        for i, (r, cand) in enumerate(zip(rows, nn, strict=True)):
+            cand = cand[(cand >= 0) & (cand != r)][:k]
+            if cand.size:
+                s = sim.normalize_to_baseline(sim.l2_normalize(E[cand]) @ sim.l2_normalize(E[r]), emb_baseline)
+                out[i, : cand.size] = s
+        return out
+
+    value = sim.colour_agreement(emb_sims(nearest(colour_graph, colour[rows])), emb_sims(nearest(emb_graph, E[rows])))
+    return {"value": round(value, 4), "sample": int(len(rows)), "k": k}
 
 
 @contextlib.contextmanager
@@ -127,8 +164,16 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             np.uint64) if len(ids) else np.empty((0, 2), np.uint64)
         del tbl
         raw_path = index_root(lake) / f".raw-{manifest.snapshot:08d}.npy"
+        layout_path = index_root(lake) / f".raw-layout-{manifest.snapshot:08d}.npy"
         try:
             raw = _raw_embeddings(conn, ids, dim, raw_path)
+            # the colour layout (lakes ingested before it have none, or only for their newer images: then the
+            # colour measure falls back to the histogram until the lake is ingested again with --force)
+            has_layout = len(ids) > 0 and conn.con.sql(
+                "SELECT count(*) FROM color_layout WHERE image_id IN (SELECT image_id FROM images)").fetchall()[0][0] \
+                == len(ids)
+            raw_layout = _raw_embeddings(conn, ids, LAYOUT_DIMS, layout_path, table="color_layout") \
+                if has_layout else None
         finally:
             conn.close()
         t_read = time.perf_counter() - t0
@@ -140,6 +185,14 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             del raw
             raw_path.unlink(missing_ok=True)
         emb = space.vectors
+        layout_space = None
+        if raw_layout is not None:
+            try:
+                layout_space = make_space(config, raw_layout, ids, prev, prev_meta, manifest.model, log=log,
+                                          kind=LAYOUT_SPACE)
+            finally:
+                del raw_layout
+                layout_path.unlink(missing_ok=True)
         t_space = time.perf_counter() - t1
 
         out = index_root(lake) / f"snap-{manifest.snapshot:08d}"
@@ -151,6 +204,11 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         if space.whitening is not None:
             np.savez(tmp / "whitening.npz", mean=space.whitening[0], projection=space.whitening[1])
         np.save(tmp / "color.npy", color)
+        if layout_space is not None:
+            np.save(tmp / LAYOUT_SPACE.vectors_file, layout_space.vectors.astype(np.float16))
+            if layout_space.whitening is not None:
+                np.savez(tmp / LAYOUT_SPACE.projection_file, mean=layout_space.whitening[0],
+                         projection=layout_space.whitening[1])
         np.save(tmp / "hashes.npy", hashes)
         if rows.num_rows == len(ids) and np.array_equal(rows.column("image_id").to_numpy(), ids):
             with pa.OSFile(str(tmp / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
@@ -170,14 +228,23 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1
         reused = {}
-        for name, vectors, metric, dtype, reusable in (
-            ("embedding", emb, "cos", "f16", space.reusable),
-            ("color", np.sqrt(color), "l2sq", "f32", True),
-        ):
+        graphs = [("embedding", emb, "cos", "f16", space.reusable), ("color", np.sqrt(color), "l2sq", "f32", True)]
+        if layout_space is not None:
+            graphs.append(("layout", layout_space.vectors, "cos", "f16",
+                           layout_space.reusable and prev_meta is not None and LAYOUT_SPACE.meta_key in prev_meta))
+        built = {}
+        for name, vectors, metric, dtype, reusable in graphs:
             index, reused[name] = _hnsw(Index, prev if reusable else None, prev_meta, manifest.model, name, ids,
                                         vectors, metric, dtype, config, threads)
             index.save(str(tmp / f"{name}.usearch"))
+            built[name] = index
         t_hnsw = time.perf_counter() - t1
+        base = baselines(emb, color, hashes, layout_space.vectors if layout_space is not None else None)
+        colour_name = "layout" if layout_space is not None else "color"
+        colour_vectors = layout_space.vectors if layout_space is not None else np.sqrt(color)
+        agreement = colour_agreement(ids, emb, built["embedding"], colour_vectors, built[colour_name],
+                                     base.get("embedding", {}).get("cosine", 0.0), threads)
+        del built
 
         meta = {
             "snapshot": manifest.snapshot, "count": int(len(ids)), "built_at": now().isoformat(),
@@ -185,7 +252,9 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
             "hnsw": {"connectivity": config.hnsw_connectivity, "expansion_add": config.hnsw_expansion_add,
                      "incremental": reused},
             "space": space.meta,
-            "baselines": baselines(emb, color, hashes),
+            **({LAYOUT_SPACE.meta_key: layout_space.meta} if layout_space is not None else {}),
+            "baselines": base,
+            "color_agreement": agreement,
             "thumbnails": thumbs,
             "build_seconds": {"read": round(t_read, 3), "space": round(t_space, 3), "hnsw": round(t_hnsw, 3),
                               "thumbnails": round(t_thumbs, 3), "total": round(time.perf_counter() - t0, 3)},
@@ -208,41 +277,64 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
 
 @dataclass
 class Space:
-    """The embedding vectors as searched, and how they were made from the model's."""
+    """A measure's vectors as searched, and how they were made from the lake's."""
 
     vectors: np.ndarray  # (n, dims) float32, L2-normalised
-    whitening: tuple[np.ndarray, np.ndarray] | None  # (mean, projection), None: the model's vectors kept
+    whitening: tuple[np.ndarray, np.ndarray] | None  # (mean, projection), None: the lake's vectors kept
     meta: dict[str, Any]
     reusable: bool  # the previous index's vectors of the images it had are still valid (same space)
 
 
-def make_space(config: Config, raw: np.ndarray, ids: np.ndarray, prev: Path | None, prev_meta: dict | None,
-               model: dict[str, Any], *, log: Any = None) -> Space:
-    """PCA-whitening (fitted on up to 100k images) then database-side augmentation of the model's embeddings.
+@dataclass(frozen=True)
+class SpaceKind:
+    """Where one kind of space lives in an index folder and which settings make it."""
 
-    Lakes under ``config.space_min_images`` keep the L2-normalised model vectors. An incremental build keeps the
-    previous whitening while the lake has not doubled since it was fitted, and then keeps the previous augmented
+    name: str  # "embedding" or "layout" (the colour layout)
+    meta_key: str  # its entry in meta.json
+    projection_file: str
+    vectors_file: str
+
+    def params(self, config: Config) -> tuple[int, float, int]:
+        """(dims, power, dba_k) from the config."""
+        if self.name == "layout":
+            return config.layout_dims, config.layout_power, config.layout_dba_k
+        return config.embedding_dims, config.whiten_power, config.dba_k
+
+
+EMBEDDING_SPACE = SpaceKind("embedding", "space", "whitening.npz", "embeddings.npy")
+LAYOUT_SPACE = SpaceKind("layout", "color_space", "layout_space.npz", "layout.npy")
+
+
+def make_space(config: Config, raw: np.ndarray, ids: np.ndarray, prev: Path | None, prev_meta: dict | None,
+               model: dict[str, Any], *, log: Any = None, kind: SpaceKind = EMBEDDING_SPACE) -> Space:
+    """PCA (whitening where ``power`` > 0; fitted on up to 100k images) then database-side augmentation of the
+    lake's vectors: the model's embeddings, or the colour layout descriptors (``kind``).
+
+    Lakes under ``config.space_min_images`` keep the L2-normalised lake vectors. An incremental build keeps the
+    previous projection while the lake has not doubled since it was fitted, and then keeps the previous augmented
     vectors of the images it had (their neighbourhood barely moves) and augments only the new images.
     """
     n = len(ids)
-    if n < max(config.space_min_images, 2) or config.embedding_dims <= 0:
+    dims, power, dba_k = kind.params(config)
+    if n < max(config.space_min_images, 2) or dims <= 0:
         return Space(sim.l2_normalize(raw), None, {"whitened": False, "dims": int(raw.shape[1]), "dba_k": 0}, True)
-    params = {"whitened": True, "power": config.whiten_power, "dba_k": config.dba_k, "raw_dims": int(raw.shape[1])}
-    old = (prev_meta or {}).get("space") or {}
+    params = {"whitened": True, "power": power, "dba_k": dba_k, "raw_dims": int(raw.shape[1])}
+    old = (prev_meta or {}).get(kind.meta_key) or {}
     same = (prev is not None and prev_meta is not None and prev_meta.get("model") == model
-            and (prev / "whitening.npz").is_file() and all(old.get(k) == v for k, v in params.items())
-            and old.get("dims") == min(config.embedding_dims, raw.shape[1]) and n <= 2 * int(old.get("fitted_on", 0)))
+            and (prev / kind.projection_file).is_file() and (prev / kind.vectors_file).is_file()
+            and all(old.get(k) == v for k, v in params.items())
+            and old.get("dims") == min(dims, raw.shape[1]) and n <= 2 * int(old.get("fitted_on", 0)))
     if same:
-        with np.load(prev / "whitening.npz") as z:
+        with np.load(prev / kind.projection_file) as z:
             whitening = (z["mean"], z["projection"])
         meta = old
     else:
         rng = np.random.default_rng(0)
         sample = raw[np.sort(rng.choice(n, min(n, 100_000), replace=False))]
-        whitening = sim.fit_whitening(sample, config.embedding_dims, config.whiten_power)
+        whitening = sim.fit_whitening(sample, dims, power)
         meta = {**params, "dims": int(whitening[1].shape[1]), "fitted_on": n}
     V = np.concatenate([sim.apply_whitening(raw[i : i + 65536], *whitening) for i in range(0, n, 65536)])
-    k = min(config.dba_k, n)
+    k = min(dba_k, n)
     if k <= 1:
         return Space(V, whitening, meta, same)
     old_ids = np.load(prev / "ids.npy") if same else np.empty(0, np.int64)
@@ -250,13 +342,14 @@ def make_space(config: Config, raw: np.ndarray, ids: np.ndarray, prev: Path | No
     new_rows = np.flatnonzero(~known)
     if same and new_rows.size <= EXACT_NEIGHBOURS:
         out = np.empty_like(V)
-        old_vecs = np.load(prev / "embeddings.npy", mmap_mode="r")
+        old_vecs = np.load(prev / kind.vectors_file, mmap_mode="r")
         out[known] = np.asarray(old_vecs[np.searchsorted(old_ids, ids[known])], dtype=np.float32)
         if new_rows.size:
             out[new_rows] = sim.augment(V, _neighbours(V, k, new_rows))
         return Space(out, whitening, meta, True)
     if log:
-        log(f"imgrec: embedding space: whitening to {meta['dims']} dims, augmenting {n:,} images with their {k} "
+        what = "PCA" if power == 0 else "whitening"
+        log(f"imgrec: {kind.name} space: {what} to {meta['dims']} dims, augmenting {n:,} images with their {k} "
             "nearest")
     return Space(sim.augment(V, _neighbours(V, k)), whitening, meta, False)
 

@@ -267,6 +267,9 @@ def ingest(
     model = spec(config.model)
     lake = Lake(config.lake)
     report = IngestReport(lake=str(lake.root))
+    from pipelines.backfill import backfill_layout
+
+    backfill_layout(config, progress=progress, log=log, stop=stop)  # lakes ingested before the colour layout
     t_start = time.perf_counter()
     started_at = now()
     stages: dict[str, float] = defaultdict(float)
@@ -616,6 +619,8 @@ class _Runner:
         b.add("images", {**base, "image_id": image_id, "width": feats.width, "height": feats.height,
                          "format": feats.format, "mode": feats.mode})
         b.add("color", {"image_id": image_id, "hist": feats.hist})
+        if feats.layout is not None:
+            b.add("color_layout", {"image_id": image_id, "vector": feats.layout})
         b.add("hashes", {"image_id": image_id, "phash": int(feats.phash), "dhash": int(feats.dhash)})
         b.add("thumbnails", {"image_id": image_id, "thumb": feats.thumb})
         if feats.emb is not None:  # embedded by the worker process

@@ -171,3 +171,16 @@ def s3() -> Iterator[S3Server]:
                 os.environ[k] = v
         server.proc.terminate()
         server.proc.wait(10)
+
+
+def class_picture(hue: tuple[int, int, int], seed: int) -> Image.Image:
+    """A class = a colour family; each member has its own shapes and shade."""
+    rng = np.random.default_rng(seed)
+    base = tuple(int(np.clip(c + rng.integers(-25, 25), 0, 255)) for c in hue)
+    img = Image.new("RGB", (160, 120), base)
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = int(rng.integers(0, 120)), int(rng.integers(0, 80))
+        shade = tuple(int(np.clip(c * rng.uniform(0.5, 0.9), 0, 255)) for c in base)
+        draw.ellipse((x, y, x + int(rng.integers(15, 40)), y + int(rng.integers(15, 40))), fill=shade)
+    return img

@@ -232,7 +232,7 @@ def test_measure_and_k(filled_lake: Path) -> None:
     button(at, "Search").click().run()
     assert not at.exception and not at.error
     assert [r for r, _ in results(at)] == list(range(1, 9))
-    assert "**8 results** · color (hellinger)" in texts(at)
+    assert "**8 results** · color (layout)" in texts(at)  # the colour layout: the colour measure's default
 
 
 def test_upload_search(filled_lake: Path, filled: tuple[Path, dict[str, bytes]]) -> None:

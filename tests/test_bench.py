@@ -42,7 +42,7 @@ def test_search_stage_has_latency_exact_ratio_and_recall(bench: dict[str, Any]) 
         assert r["queries"] > 0 and r["total_ms"]["p50"] > 0 and r["wall_ms"]["p95"] >= r["wall_ms"]["p50"] > 0
         assert r["exact_ms"]["p50"] > 0 and r["speedup_p50"] > 0
         assert 0.0 <= r["recall_min"] <= r["recall"] <= 1.0
-        if r["measure"] != "mix" and (r["variant"] == "no_expand" or r["measure"] != "embedding"):
+        if r["measure"] != "mix" and (r["variant"] == "no_expand" or r["measure"] not in ("embedding", "color")):
             assert r["numpy_agreement"] == 1.0, r  # numpy brute force finds the engine's exact top 10
     emb = [r for r in entry["runs"] if r["measure"] == "embedding" and r["images"] == 1]
     assert all(r["recall"] >= 0.9 for r in emb)  # 300 images: the graph search is all but exhaustive
@@ -100,9 +100,9 @@ def test_perturbed_rows_keep_the_shape_of_real_features(bench: dict[str, Any]) -
     src = read_source(bench["lake"])
     perm = np.arange(src.n)
     basis = noise_basis(src.emb)
-    srow, E, H, X = make_rows(src, perm, 0, 3 * src.n, basis, 0.5, seed=0)
+    srow, E, H, X, _ = make_rows(src, perm, 0, 3 * src.n, basis, 0.5, seed=0)
     again = make_rows(src, perm, 0, 3 * src.n, basis, 0.5, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip((srow, E, H, X), again, strict=True))  # deterministic
+    assert all(np.array_equal(a, b) for a, b in zip((srow, E, H, X), again[:4], strict=True))  # deterministic
     assert np.array_equal(E[: src.n], src.emb) and np.array_equal(X[: src.n], src.hashes)  # first pass: real
     assert np.allclose(np.linalg.norm(E, axis=1), 1.0, atol=1e-4) and np.allclose(H.sum(axis=1), 1.0, atol=1e-4)
     cos = np.einsum("ij,ij->i", E[src.n:], src.emb[srow[src.n:]])

@@ -73,3 +73,14 @@ def test_errors_are_messages_not_tracebacks(tmp_path: Path, cli_lake: tuple[Path
         proc = imgrec(*args, check=False)
         assert proc.returncode == 2, args
         assert proc.stderr.startswith("imgrec: error:") and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_backend_option_reaches_the_config() -> None:
+    from imgrec.cli import _config, build_parser
+
+    args = build_parser().parse_args(["search", "x.jpg", "--backend", "torch", "--lake", "/tmp/nowhere"])
+    assert _config(args).backend == "torch"
+    args = build_parser().parse_args(["ingest", "/tmp", "--lake", "/tmp/nowhere"])
+    assert _config(args).backend == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "x.jpg", "--backend", "tensorflow"])

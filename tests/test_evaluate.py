@@ -6,10 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import save
-from PIL import Image, ImageDraw
+from conftest import class_picture, save
 
 from imgrec import metrics
 from imgrec.cli import main
@@ -45,19 +43,6 @@ def test_precision_recall_curve_is_interpolated_and_decreasing() -> None:
 # --- the evaluation -----------------------------------------------------------------------------------------------
 
 
-def _picture(hue: tuple[int, int, int], seed: int) -> Image.Image:
-    """A class = a colour family; each member has its own shapes and shade."""
-    rng = np.random.default_rng(seed)
-    base = tuple(int(np.clip(c + rng.integers(-25, 25), 0, 255)) for c in hue)
-    img = Image.new("RGB", (160, 120), base)
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        x, y = int(rng.integers(0, 120)), int(rng.integers(0, 80))
-        shade = tuple(int(np.clip(c * rng.uniform(0.5, 0.9), 0, 255)) for c in base)
-        draw.ellipse((x, y, x + int(rng.integers(15, 40)), y + int(rng.integers(15, 40))), fill=shade)
-    return img
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("labelled")
@@ -65,7 +50,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for c, hue in enumerate([(200, 40, 40), (40, 160, 60), (40, 60, 200)]):
         for i in range(9):
             rel = f"images/{c:02d}/{i}.jpg"
-            save(_picture(hue, 10 * c + i), root / rel, quality=92)
+            save(class_picture(hue, 10 * c + i), root / rel, quality=92)
             rows.append({"path": rel, "class_id": c, "class_name": f"c{c}"})
     with (root / "labels.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["path", "class_id", "class_name"])
@@ -139,7 +124,7 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_transforms_make_decodable_copies() -> None:
     from imgrec.imaging import decode
 
-    img = _picture((120, 80, 200), 1)
+    img = class_picture((120, 80, 200), 1)
     for name in TRANSFORMS:
         d = decode(transform(img, name), min_side=None)
         assert d.width > 0

@@ -190,6 +190,43 @@ def ref_dhash(img: Image.Image) -> int:
     return ref_pack([grey[r][c + 1] > grey[r][c] for r in range(8) for c in range(8)])
 
 
+def _halves(top: tuple[int, int, int], bottom: tuple[int, int, int], size=(96, 64)) -> Image.Image:
+    img = Image.new("RGB", size, bottom)
+    img.paste(top, (0, 0, size[0], size[1] // 2))
+    return img
+
+
+def test_layout_descriptor_parts_and_norms():
+    from imgrec.features.color import LAYOUT_DIMS, layout_descriptor
+
+    d = layout_descriptor(_halves((40, 90, 220), (40, 170, 60)))
+    assert d.shape == (LAYOUT_DIMS,) and d.dtype == np.float32 and (d >= 0).all()
+    colours, patches = d[: 128 + 4 * 72], d[128 + 4 * 72 :]
+    assert np.linalg.norm(colours) == pytest.approx(1.0, abs=1e-5)
+    assert np.linalg.norm(patches) == pytest.approx(1.0, abs=1e-5)
+    # two flat colours: every pixel's neighbour has its colour except along one seam, at every distance
+    assert patches.max() == pytest.approx(patches[patches > 0].min(), rel=0.2)
+    assert np.array_equal(d, layout_descriptor(_halves((40, 90, 220), (40, 170, 60))))  # deterministic
+
+
+def test_layout_descriptor_sees_where_colours_are_and_how_they_clump():
+    from imgrec.features.color import layout_descriptor
+
+    sky = layout_descriptor(_halves((40, 90, 220), (40, 170, 60)))  # blue above green
+    upside = layout_descriptor(_halves((40, 170, 60), (40, 90, 220)))  # the same colours, the other way up
+    assert np.allclose(hsv_histogram(_halves((40, 90, 220), (40, 170, 60))),
+                       hsv_histogram(_halves((40, 170, 60), (40, 90, 220))))  # the histogram cannot tell them apart
+    assert float(sky @ upside) < 0.85 * float(sky @ sky)
+    # the same two colours as a fine checkerboard: the same histogram, no patches at all
+    yy, xx = np.mgrid[0:64, 0:96]
+    board = np.where(((yy + xx) % 2 == 0)[..., None], np.uint8([40, 90, 220]), np.uint8([40, 170, 60]))
+    fine = layout_descriptor(Image.fromarray(board.astype(np.uint8)))
+    assert float(sky[-512:] @ fine[-512:]) < 0.8
+    # a slightly different shade stays close (soft hue bins)
+    shade = layout_descriptor(_halves((45, 95, 225), (45, 175, 65)))
+    assert float(sky @ shade) > 0.95
+
+
 def test_pack_bits_order_and_top_bit():
     bits = np.zeros(64, bool)
     bits[0] = True
@@ -374,6 +411,62 @@ def test_decode_cmyk_jpeg():
     assert dec.mode == "CMYK" and dec.format == "JPEG" and dec.image.mode == "RGB"
     assert_colour(colour_at(dec.image, 0.2, 0.5), (255, 0, 0))
     assert_colour(colour_at(dec.image, 0.8, 0.5), (0, 255, 255))
+
+
+def _quadrants() -> Image.Image:
+    a = np.zeros((96, 128, 3), np.uint8)
+    a[:48, :64], a[:48, 64:], a[48:, :64], a[48:, 64:] = (220, 30, 40), (30, 200, 60), (40, 60, 210), (240, 200, 30)
+    a[40:56] = np.linspace(0, 255, 128, dtype=np.uint8)[None, :, None]  # a grey ramp across the middle
+    return Image.fromarray(a)
+
+
+def _in_adobe_rgb(img: Image.Image) -> tuple[Image.Image, bytes]:
+    """The same picture as Adobe RGB pixels (the colours a camera set to Adobe RGB would save), and the profile."""
+    from icc import matrix_profile
+    from PIL import ImageCms
+
+    icc = matrix_profile()
+    t = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+                                "RGB", "RGB")
+    out = ImageCms.applyTransform(img, t)
+    out.info.pop("icc_profile", None)  # the pixels alone: each test says whether the file carries the profile
+    return out, icc
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_decode_applies_an_embedded_profile_into_srgb(fmt: str) -> None:
+    original = _quadrants()
+    adobe, icc = _in_adobe_rgb(original)
+    kw = {"quality": 97, "subsampling": 0} if fmt == "JPEG" else {}
+    srgb_file, adobe_file = encode(original, fmt, **kw), encode(adobe, fmt, icc_profile=icc, **kw)
+    ref = np.asarray(decode(srgb_file, min_side=None).image, dtype=np.float32)
+    got = np.asarray(decode(adobe_file, min_side=None).image, dtype=np.float32)
+    ignored = np.asarray(decode(encode(adobe, fmt, **kw), min_side=None).image, dtype=np.float32)
+    assert np.abs(ignored - ref).mean() > 8  # the two files' pixel values differ: the profile matters
+    assert np.abs(got - ref).mean() < 2.0  # ... and applied, the same picture comes out
+    # and so do its colour features (the histogram and the colour layout) and its thumbnail
+    from imgrec.features.color import layout_descriptor
+
+    def feats(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f = extract(data, model=None, thumb_size=64)
+        return f.hist, f.layout, np.asarray(Image.open(io.BytesIO(f.thumb)), dtype=np.float32)
+
+    (h0, l0, t0), (h1, l1, t1), (h2, _, _) = feats(srgb_file), feats(adobe_file), feats(encode(adobe, fmt, **kw))
+    assert np.abs(h1 - h0).sum() < 0.5 * np.abs(h2 - h0).sum()
+    assert float(l1 @ l0) / (np.linalg.norm(l1) * np.linalg.norm(l0)) > 0.99
+    assert np.abs(t1 - t0).mean() < 3.0
+    assert l0.shape == layout_descriptor(original).shape
+
+
+def test_decode_keeps_pixels_with_an_srgb_or_unusable_profile() -> None:
+    from PIL import ImageCms
+
+    original = _quadrants()
+    ref = np.asarray(original, dtype=np.int16)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for icc in (srgb, b"not a colour profile at all", b"\0" * 200):
+        dec = decode(encode(original, "PNG", icc_profile=icc), min_side=None)
+        assert np.abs(np.asarray(dec.image, dtype=np.int16) - ref).max() <= 1, icc[:20]
 
 
 def test_decode_animated_gif_first_frame():

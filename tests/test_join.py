@@ -15,8 +15,8 @@ import pytest
 from conftest import make_collection, save, synthetic_image
 
 from imgrec import join as J
-from imgrec.config import DISTANCES, MEASURES, Config
-from imgrec.search import Engine
+from imgrec.config import MEASURES, Config
+from imgrec.search import Engine, default_distance
 from pipelines.ingest import ingest
 
 COPIES = 8
@@ -55,7 +55,7 @@ def _reference(engine: Engine, left: str, right: str, measure: str, k: int | Non
         per = J.pair_similarities(idx, np.full(b.size, a), b)
         if measure == "mix":
             w = {m: v for m, v in engine.config.weights.items() if v > 0}
-            score, _ = engine.mix(idx, {m: per[m] for m in w}, w, {m: DISTANCES[m][0] for m in per})
+            score, _ = engine.mix(idx, {m: per[m] for m in w}, w, {m: default_distance(idx, m) for m in per})
         else:
             score = per[measure]
         order = np.lexsort((idx.ids[b], -score))

@@ -795,7 +795,68 @@ def test_every_public_function_is_tested():
         "l2_normalize", "cosine_similarity", "euclidean_distance", "manhattan_distance", "normalize_histogram",
         "chi2_distance", "hellinger_distance", "intersection_distance", "emd_distance", "hamming_distance",
         "to_similarity", "normalize_to_baseline", "fuse", "soft_min", "aggregate", "penalize", "ranks_within",
-        "fit_whitening", "apply_whitening", "augment", "expand_query",
+        "fit_whitening", "apply_whitening", "augment", "expand_query", "fuse_scores", "separation",
+        "colour_agreement", "colour_gate",
     }
     assert public == tested
 
+
+
+# --- fusion of the mix --------------------------------------------------------------------------------------------
+
+
+def test_fuse_scores_weighted_is_the_weighted_mean() -> None:
+    rng = np.random.default_rng(0)
+    S = {m: rng.random((2, 50)).astype(np.float32) for m in ("embedding", "color", "hash")}
+    w = {"embedding": 0.85, "color": 0.1, "hash": 0.3}
+    assert np.allclose(sim.fuse_scores(S, w, "weighted"), sim.fuse(S, w))
+    with pytest.raises(ValueError, match="unknown fusion"):
+        sim.fuse_scores(S, w, "borda")
+    with pytest.raises(ValueError, match="positive weight"):
+        sim.fuse_scores(S, {"embedding": 0.0}, "adaptive")
+
+
+def test_separation_is_how_far_the_best_stand_out() -> None:
+    flat = np.full((1, 200), 0.5, np.float32)
+    peaked = flat.copy()
+    peaked[0, :5] = 0.95
+    assert sim.separation(flat)[0] == pytest.approx(0.0)
+    assert sim.separation(peaked)[0] == pytest.approx(0.45, abs=1e-6)
+    assert sim.separation(np.zeros((3, 1)))[0] == 0.0 and sim.separation(np.array([[0.9, 0.1]]))[0] > 0
+
+
+def test_adaptive_fusion_trusts_the_measure_that_separates_for_this_query() -> None:
+    n = 200
+    rng = np.random.default_rng(1)
+    emb = np.full((2, n), 0.3, np.float32) + 0.01 * rng.random((2, n), dtype=np.float32)
+    col = emb.copy()
+    emb[0, 0], col[0, 1] = 0.9, 0.35  # query 0: the embedding singles out image 0; colour barely prefers image 1
+    emb[1, 0], col[1, 1] = 0.32, 0.95  # query 1: the other way round
+    w = {"embedding": 0.5, "color": 0.5}
+    fused = sim.fuse_scores({"embedding": emb, "color": col}, w, "adaptive")
+    assert fused.shape == (2, n)
+    assert np.argmax(fused[0]) == 0 and np.argmax(fused[1]) == 1
+    one = sim.fuse_scores({"embedding": emb[0], "color": col[0]}, w, "adaptive")  # one row in, one row out
+    assert one.shape == (n,) and np.allclose(one, fused[0])
+
+
+def test_rrf_ranks_and_the_hash_keeps_copies_first() -> None:
+    emb = np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
+    col = np.array([[0.1, 0.9, 0.8, 0.2]], np.float32)
+    hsh = np.array([[0.0, 0.0, 0.0, 1.0]], np.float32)  # image 3 is a near-duplicate (normalised hash > 0)
+    w = {"embedding": 0.85, "color": 0.1, "hash": 0.3}
+    for method in sim.FUSIONS:
+        fused = sim.fuse_scores({"embedding": emb, "color": col, "hash": hsh}, w, method)
+        assert np.argmax(fused[0]) == 3, method
+    rrf = sim.fuse_scores({"embedding": emb, "color": emb}, {"embedding": 1.0, "color": 1.0}, "rrf")
+    assert rrf[0, 0] == pytest.approx(1.0) and np.all(np.diff(rrf[0]) < 0)  # first under both scores 1
+
+
+def test_colour_agreement_and_gate() -> None:
+    same = np.full((4, 10), 0.6)
+    assert sim.colour_agreement(same, same) == pytest.approx(1.0)
+    assert sim.colour_agreement(0.5 * same, same) == pytest.approx(0.5)
+    assert sim.colour_agreement(np.zeros((4, 10)), same) == 0.0
+    assert sim.colour_agreement(np.empty((0, 10)), np.empty((0, 10))) == 0.0
+    assert sim.colour_gate(0.1, 0.2) == 0.0 and sim.colour_gate(0.5, 0.2) == 1.0
+    assert sim.colour_gate(0.225, 0.2) == pytest.approx(0.5)  # the ramp: 0.05 of agreement above the floor

@@ -19,7 +19,7 @@ from imgrec.lake import Lake
 from imgrec.search import Engine
 from pipelines.index import build_indexes
 
-TUNED = {"space_min_images": 30, "embedding_dims": 24, "dba_k": 2, "expand_k": 2}
+TUNED = {"space_min_images": 30, "embedding_dims": 24, "dba_k": 2, "expand_k": 2, "layout_dims": 16, "layout_dba_k": 2}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,77 @@ def test_raw_vectors_stream_in_image_order_without_removed_images(tmp_path: Path
         for batch in (1, 3, 100):
             got = _raw_embeddings(con, ids, 1280, tmp_path / f"raw-{batch}.npy", batch=batch)
             assert np.array_equal(np.asarray(got), np.stack(want["vector"].to_list()).astype(np.float32))
-        with pytest.raises(Exception, match="lack an embedding"):
+        with pytest.raises(Exception, match="lack embeddings"):
             _raw_embeddings(con, np.append(ids, ids.max() + 100), 1280, tmp_path / "raw-missing.npy")
     finally:
         con.close()
+
+
+# --- the colour layout: the colour measure's default, in its own PCA space -------------------------------------------
+
+
+def test_the_colour_layout_is_pcad_augmented_and_searched_by_default(tuned: tuple[Path, Path]) -> None:
+    from imgrec.features.color import LAYOUT_DIMS
+
+    _, lake = tuned
+    engine = Engine(Config.load(lake, **TUNED))
+    idx = engine.index
+    assert idx.meta["color_space"] == {"whitened": True, "power": 0.0, "dba_k": 2, "raw_dims": LAYOUT_DIMS,
+                                       "dims": 16, "fitted_on": 40}
+    L = np.asarray(idx.layout, dtype=np.float32)
+    assert L.shape == (40, 16) and np.allclose(np.linalg.norm(L, axis=1), 1.0, atol=1e-2)
+    assert (idx.path / "layout.usearch").is_file() and "layout" in idx.meta["baselines"]["color"]
+    mean, proj = idx.layout_space
+    assert mean.shape == (LAYOUT_DIMS,) and proj.shape == (LAYOUT_DIMS, 16)
+    q = int(idx.ids[3])
+    resp = engine.search([q], "color", k=5, exclude_query=True, expand=False)
+    assert resp.distance == "layout"
+    s = L @ L[3]
+    s[3] = -np.inf
+    assert [r.image_id for r in resp.results] == [int(i) for i in idx.ids[np.argsort(-s, kind="stable")[:5]]]
+    assert resp.results[0].score == pytest.approx(float(np.max(s)), abs=1e-2)
+    # the colour query is expanded like the embedding (its own nearest in the layout space)
+    expanded = engine.search([q], "color", k=5, exclude_query=True)
+    assert "expand" in expanded.timings_ms
+    # an uploaded copy is projected into the same space: it finds its original first
+    root, _ = tuned
+    path = sorted(root.glob("a/*"))[1]
+    up = engine.search([path.read_bytes()], "color", k=1)
+    assert up.results[0].path == str(path)
+    engine.close()
+
+
+def test_a_lake_ingested_before_the_layout_keeps_the_histogram(tmp_path: Path) -> None:
+    from imgrec.lake import SNAPSHOTS
+    from imgrec.search import QueryError
+
+    root, lake = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 10)
+    ingest_quietly(root, lake)
+    assert IndexSet.open(Lake(lake)).layout is not None
+    # the lake as an older imgrec wrote it: its latest snapshot, without the colour layout table
+    snaps = sorted((lake / SNAPSHOTS).glob("*.json"))
+    d = json.loads(snaps[-1].read_text())
+    del d["tables"]["color_layout"]
+    d["snapshot"] += 1
+    (lake / SNAPSHOTS / f"{d['snapshot']:020d}.json").write_text(json.dumps(d))
+    build_indexes(Config.load(lake))
+    engine = Engine(Config.load(lake))
+    assert engine.index.snapshot == d["snapshot"] and engine.index.layout is None
+    assert "color_space" not in engine.index.meta and not (engine.index.path / "layout.usearch").exists()
+    resp = engine.search([int(engine.index.ids[0])], "color", k=3)
+    assert resp.distance == "hellinger" and resp.results[0].image_id == int(engine.index.ids[0])
+    assert engine.search([int(engine.index.ids[0])], "mix", k=3).results[0].image_id == int(engine.index.ids[0])
+    with pytest.raises(QueryError, match="no colour layout"):
+        engine.search([int(engine.index.ids[0])], "color", k=3, distance="layout")
+    engine.close()
+    # the next ingestion computes the missing layouts (from the files) and the index has it again
+    ingest_quietly(root, lake)
+    idx = IndexSet.open(Lake(lake))
+    assert idx.layout is not None and idx.size == 10
+    con = Lake(lake).connect()
+    assert con.one("SELECT count(DISTINCT image_id) FROM color_layout") == 10
+    con.close()
+    engine = Engine(Config.load(lake))
+    assert engine.search([int(idx.ids[0])], "color", k=3).distance == "layout"
+    engine.close()

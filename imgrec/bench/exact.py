@@ -28,7 +28,8 @@ class Exact:
     index is not flattered.
     """
 
-    def __init__(self, idx: Any, weights: dict[str, float], tau: float) -> None:
+    def __init__(self, idx: Any, weights: dict[str, float], tau: float, fusion: str = "weighted",
+                 near_bits: int = 16) -> None:
         t0 = time.perf_counter()
         self.ids = np.asarray(idx.ids, dtype=np.int64)
         self.rows_of: Callable[[Sequence[int]], NDArray[np.int64]] = idx.rows
@@ -36,6 +37,10 @@ class Exact:
         self.R = np.sqrt(np.asarray(idx.color, dtype=np.float32))  # Hellinger = L2 between square roots / sqrt(2)
         self.r2 = np.einsum("ij,ij->i", self.R, self.R)
         self.H = np.ascontiguousarray(idx.hashes, dtype=np.uint64)
+        layout = getattr(idx, "layout", None)  # the colour measure's default where the index has it
+        self.L = None if layout is None else sim.l2_normalize(np.asarray(layout, dtype=np.float32))
+        self.distances = {**MEASURE_DISTANCE, **({"color": "layout"} if self.L is not None else {})}
+        self.fusion, self.near_bits = fusion, near_bits
         self.baselines = idx.meta.get("baselines", {})
         self.weights = {m: w for m, w in weights.items() if w > 0}
         self.tau = tau
@@ -49,6 +54,8 @@ class Exact:
         """(query images, N) similarities in [0, 1] under one single measure."""
         if measure == "embedding":
             return sim.to_similarity("embedding", "cosine", self.E[rows] @ self.E.T)
+        if measure == "color" and self.L is not None:
+            return sim.to_similarity("color", "layout", self.L[rows] @ self.L.T)
         if measure == "color":
             d2 = self.r2[rows, None] + self.r2[None, :] - 2.0 * (self.R[rows] @ self.R.T)
             return sim.to_similarity("color", "hellinger", np.sqrt(np.clip(0.5 * d2, 0.0, 1.0)))
@@ -61,9 +68,11 @@ class Exact:
         """(N,) the score of every image for the query images together (as Engine.search ranks them)."""
         if measure == "mix":
             norm = {m: sim.normalize_to_baseline(self.similarities(m, rows),
-                                                 self.baselines.get(m, {}).get(MEASURE_DISTANCE[m], 0.0))
+                                                 self.baselines.get(m, {}).get(self.distances[m], 0.0))
                     for m in self.weights}
-            per_image = sim.fuse(norm, self.weights)
+            if "hash" in norm:  # the engine's near-duplicate level (Engine.mix)
+                norm["hash"] = sim.normalize_to_baseline(self.similarities("hash", rows), 1.0 - self.near_bits / 128)
+            per_image = sim.fuse_scores(norm, self.weights, self.fusion)
         else:
             per_image = self.similarities(measure, rows)
         return sim.aggregate(per_image, "softmin", self.tau)

@@ -22,7 +22,7 @@ import numpy as np
 from imgrec.bench.common import Log, child_main, make_logger, memory, stats
 from imgrec.config import MEASURES
 
-EXPANDING = ("embedding", "mix")  # measures query expansion can change
+EXPANDING = ("embedding", "color", "mix")  # measures query expansion can change (colour: its layout)
 VARIANT_KW: dict[str, dict[str, Any]] = {"default": {}, "no_expand": {"expand": False}}
 EXHAUSTIVE_QUERIES = 30  # queries per row whose recall needs the exhaustive engine (mix, expansion): ~1 s each at 400k
 AGREEMENT_QUERIES = 5  # queries per row checking that numpy's exact top k is the exhaustive engine's
@@ -159,7 +159,8 @@ def bench_search(lake: Path, *, measures: Sequence[str] = MEASURES, queries1: in
         mem["e2e"] = memory()
     if runs:
         log(f"  N={n:,}: the same queries by exact search")
-        exact = Exact(idx, engine.config.weights, engine.config.softmin_tau)
+        exact = Exact(idx, engine.config.weights, engine.config.softmin_tau, engine.config.mix_fusion,
+                      engine.config.near_duplicate_bits)
         out["exact_load_ms"] = exact.load_ms
         truth = Exhaustive(lake, n)
         for m in measures:

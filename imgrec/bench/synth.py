@@ -59,6 +59,7 @@ class SourceFeatures:
     emb: np.ndarray  # (n, d) float32, the model's vectors
     hist: np.ndarray  # (n, bins) float32
     hashes: np.ndarray  # (n, 2) uint64
+    layout: np.ndarray | None  # (n, 928) float32, the colour layout (None: a source lake ingested before it)
     meta: Any  # polars DataFrame: collection, folder, size_bytes, mtime_ns, width, height, format, mode, labels
     thumbs: list[bytes]
 
@@ -79,9 +80,9 @@ def read_source(lake: Path) -> SourceFeatures:
     try:
         df = conn.frame(
             "SELECT i.image_id, i.collection, i.folder, i.size_bytes, i.mtime_ns, i.width, i.height, i.format, "
-            "i.mode, l.label, l.labels, l.probs, e.vector, c.hist, h.phash, h.dhash FROM images i "
+            "i.mode, l.label, l.labels, l.probs, e.vector, c.hist, h.phash, h.dhash, cl.vector AS layout FROM images i "
             "JOIN embeddings e USING (image_id) JOIN color c USING (image_id) JOIN hashes h USING (image_id) "
-            "LEFT JOIN labels l USING (image_id) ORDER BY image_id")
+            "LEFT JOIN labels l USING (image_id) LEFT JOIN color_layout cl USING (image_id) ORDER BY image_id")
         thumbs = [bytes(t) for (t,) in conn.sql(
             f"SELECT thumb FROM thumbnails WHERE image_id IN (SELECT image_id FROM images) ORDER BY image_id "
             f"LIMIT {THUMBS}")]
@@ -93,8 +94,13 @@ def read_source(lake: Path) -> SourceFeatures:
     emb = df["vector"].explode().to_numpy().astype(np.float32).reshape(df.height, dim)
     hist = df["hist"].explode().to_numpy().astype(np.float32).reshape(df.height, bins)
     hashes = np.stack([df["phash"].to_numpy(), df["dhash"].to_numpy()], axis=1).astype(np.uint64)
-    meta = df.drop("vector", "hist", "phash", "dhash", "image_id")
-    return SourceFeatures(manifest, emb, hist, hashes, meta, thumbs or [b""])
+    layout = None
+    if df["layout"].null_count() == 0:
+        from imgrec.lake import LAYOUT_DIMS
+
+        layout = df["layout"].explode().to_numpy().astype(np.float32).reshape(df.height, LAYOUT_DIMS)
+    meta = df.drop("vector", "hist", "phash", "dhash", "layout", "image_id")
+    return SourceFeatures(manifest, emb, hist, hashes, layout, meta, thumbs or [b""])
 
 
 def nearest_cosine(E: np.ndarray, sample: int = 500, seed: int = 0) -> float:
@@ -138,13 +144,15 @@ def _flip_bits(hashes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_rows(src: SourceFeatures, perm: np.ndarray, start: int, end: int, basis: np.ndarray, scale: float,
-              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features of rows ``start:end``: (source rows, embeddings, histograms, hashes). Deterministic per row range."""
+              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features of rows ``start:end``: (source rows, embeddings, histograms, hashes, colour layouts or None).
+    Deterministic per row range."""
     from imgrec import similarity as sim
 
     rows = np.arange(start, end)
     srow = perm[rows % src.n]
     E, H, X = src.emb[srow].copy(), src.hist[srow].copy(), src.hashes[srow].copy()
+    L = src.layout[srow].copy() if src.layout is not None else None
     noisy = rows >= src.n
     m = int(noisy.sum())
     if m:
@@ -154,11 +162,14 @@ def make_rows(src: SourceFeatures, perm: np.ndarray, start: int, end: int, basis
         jitter = 1.0 + HIST_NOISE * rng.standard_normal((m, H.shape[1]), dtype=np.float32)
         H[noisy] = sim.normalize_histogram(H[noisy] * jitter)
         X[noisy] = _flip_bits(X[noisy], rng)
-    return srow, E, H, X
+        if L is not None:
+            L[noisy] *= 1.0 + HIST_NOISE * rng.standard_normal((m, L.shape[1]), dtype=np.float32)
+            L[noisy] = np.clip(L[noisy], 0.0, None)
+    return srow, E, H, X, L
 
 
 def _frames(src: SourceFeatures, start: int, srow: np.ndarray, E: np.ndarray, H: np.ndarray, X: np.ndarray,
-            stamp: Any) -> dict[str, Any]:
+            L: np.ndarray | None, stamp: Any) -> dict[str, Any]:
     import polars as pl
 
     ids = np.arange(start, start + srow.size, dtype=np.int64)
@@ -172,6 +183,7 @@ def _frames(src: SourceFeatures, start: int, srow: np.ndarray, E: np.ndarray, H:
         content_hash=pl.Series([f"{i:032x}" for i in ids], dtype=pl.Utf8), ingested_at=pl.lit(stamp),
     ).with_columns(relpath=pl.col("folder") + "/" + pl.col("file_name"))
     return {
+        **({"color_layout": pl.DataFrame({"image_id": ids, "vector": L})} if L is not None else {}),
         "images": images,
         "embeddings": pl.DataFrame({"image_id": ids, "vector": E}),
         "color": pl.DataFrame({"image_id": ids, "hist": H}),
@@ -218,11 +230,11 @@ def synthesize(source: Path, n: int, work: Path, *, seed: int = 0, log: Log | No
         stamp = now()
         for start in range(0, n, CHUNK):
             end = min(n, start + CHUNK)
-            srow, E, H, X = make_rows(src, perm, start, end, basis, scale, seed)
+            srow, E, H, X, L = make_rows(src, perm, start, end, basis, scale, seed)
             noisy = np.arange(start, end) >= src.n
             if noisy.any() and len(measured) < 20_000:
                 measured.extend(np.einsum("ij,ij->i", E[noisy], _unit(src.emb[srow[noisy]])).tolist())
-            w.commit(_frames(src, start, srow, E, H, X, stamp), next_image_id=end)
+            w.commit(_frames(src, start, srow, E, H, X, L, stamp), next_image_id=end)
             log(f"  {end:,} / {n:,} rows written")
         w.compact()
     info = {

@@ -53,3 +53,76 @@ def palette(hist: NDArray[np.floating], bins: tuple[int, int, int] = (8, 4, 4), 
         r, g, b = colorsys.hsv_to_rgb((hi + 0.5) / nh, sat, val)
         out.append((f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}", float(h[i] / total)))
     return out
+
+
+# --- the colour layout descriptor (the colour measure's default) --------------------------------------------------
+
+LAYOUT_BINS = (8, 4, 4)  # the global histogram's and the correlogram's colours
+CELL_BINS = (8, 3, 3)  # each of the 2 x 2 regions' histogram
+CORRELOGRAM_DISTANCES = (1, 3, 5, 7)
+LAYOUT_DIMS = 128 + 4 * 72 + 128 * len(CORRELOGRAM_DISTANCES)  # 928
+
+
+def _soft_hue_histogram(h: NDArray[np.float32], s: NDArray[np.uint8], v: NDArray[np.uint8],
+                        bins: tuple[int, int, int]) -> NDArray[np.float64]:
+    """A joint HSV histogram whose hue is shared between the two nearest hue bins (circularly), L1-normalised: a
+    colour on a bin's edge does not jump from one bin to the other between two photos of the same thing."""
+    nh, ns, nv = bins
+    pos = h * np.float32(nh / 256.0) - np.float32(0.5)
+    lo = np.floor(pos)
+    frac = pos - lo
+    h0 = lo.astype(np.int32) % nh
+    rest = (s.astype(np.int32) * ns >> 8) * nv + (v.astype(np.int32) * nv >> 8)
+    out = (np.bincount(h0 * ns * nv + rest, weights=1 - frac, minlength=nh * ns * nv)
+           + np.bincount((h0 + 1) % nh * ns * nv + rest, weights=frac, minlength=nh * ns * nv))
+    return out / max(float(out.sum()), 1e-12)
+
+
+def _correlogram(codes: NDArray[np.int32], n: int, distances: tuple[int, ...]) -> NDArray[np.float64]:
+    """Auto-correlogram: per colour and distance, the share of its pixels whose neighbour at that distance
+    (horizontally and vertically, both ways) has the same colour: how much a colour comes in patches."""
+    full = np.bincount(codes.ravel(), minlength=n).astype(np.float64)
+    out = []
+    for d in distances:
+        if d >= min(codes.shape):
+            out.append(np.zeros(n))
+            continue
+        same = (np.bincount(codes[:, :-d][codes[:, :-d] == codes[:, d:]], minlength=n)
+                + np.bincount(codes[:-d, :][codes[:-d, :] == codes[d:, :]], minlength=n))
+        total = (4 * full - np.bincount(codes[:, -d:].ravel(), minlength=n) - np.bincount(codes[:, :d].ravel(), minlength=n)
+                 - np.bincount(codes[-d:, :].ravel(), minlength=n) - np.bincount(codes[:d, :].ravel(), minlength=n))
+        out.append(2 * same / np.maximum(total, 1))
+    return np.concatenate(out)
+
+
+def layout_descriptor(img: Image.Image) -> NDArray[np.float32]:
+    """The colour layout of a picture (at most WORK_SIZE px): which colours, where, and in what patches.
+
+    Three parts, each square-rooted (so that a dot product is a Hellinger-like similarity) and the first two
+    together and the third weighted equally: the soft-hue HSV 8x4x4 histogram of the whole picture; an 8x3x3 one
+    of each quarter (top-left, top-right, bottom-left, bottom-right), so a blue sky above green grass differs from
+    the reverse; and the auto-correlogram of the 8x4x4 colours at 1, 3, 5 and 7 px. 928 numbers, about 2.6 ms;
+    the index compresses them (PCA to 128 dimensions, fitted on the collection). Measured on the labelled sets
+    against the HSV histogram alone: docs/relevance.md.
+    """
+    small = img if max(img.size) <= WORK_SIZE else img.resize(fit_within(img.size, WORK_SIZE), Image.Resampling.BILINEAR)
+    a = np.asarray(small.convert("HSV"))
+    h = a[..., 0].astype(np.float32)
+    whole = np.sqrt(_soft_hue_histogram(h.ravel(), a[..., 1].ravel(), a[..., 2].ravel(), LAYOUT_BINS))
+    rows, cols = a.shape[:2]
+    quarters = []
+    for i in range(2):
+        for j in range(2):
+            r = slice(i * rows // 2, max((i + 1) * rows // 2, i * rows // 2 + 1))
+            c = slice(j * cols // 2, max((j + 1) * cols // 2, j * cols // 2 + 1))
+            q = a[r, c]
+            quarters.append(np.sqrt(_soft_hue_histogram(h[r, c].ravel(), q[..., 1].ravel(), q[..., 2].ravel(),
+                                                        CELL_BINS)) / 2)
+    colours = np.concatenate([whole, *quarters])
+    colours /= max(float(np.linalg.norm(colours)), 1e-12)
+    nh, ns, nv = LAYOUT_BINS
+    codes = ((a[..., 0].astype(np.int32) * nh >> 8) * (ns * nv) + (a[..., 1].astype(np.int32) * ns >> 8) * nv
+             + (a[..., 2].astype(np.int32) * nv >> 8))
+    patches = np.sqrt(_correlogram(codes, nh * ns * nv, CORRELOGRAM_DISTANCES))
+    patches /= max(float(np.linalg.norm(patches)), 1e-12)
+    return np.concatenate([colours, patches]).astype(np.float32)

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from imgrec.features.color import WORK_SIZE, hsv_histogram
+from imgrec.features.color import WORK_SIZE, hsv_histogram, layout_descriptor
 from imgrec.features.embed import ModelSpec, center_crop, model_level, strip_crop
 from imgrec.features.hashing import dhash, phash
 from imgrec.imaging import decode, fit_within, thumbnail_jpeg
@@ -38,6 +38,7 @@ class HandFeatures:
     thumb: bytes | None
     crop: NDArray[np.uint8] | None  # the model's input, (S, S, 3) uint8
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    layout: NDArray[np.float32] | None = None  # the colour layout descriptor (imgrec.features.color)
     emb: NDArray[np.float32] | None = None  # where a worker process embedded the crop (then dropped): unit vector
     top_i: NDArray[np.int16] | None = None  # ... its top-5 ImageNet classes
     top_p: NDArray[np.float32] | None = None  # ... and their probabilities
@@ -107,6 +108,7 @@ def extract(
     t2 = time.perf_counter()
     t["resize"] = t2 - t1
     hist = hsv_histogram(levels.color, bins)
+    layout = layout_descriptor(levels.color)
     t3 = time.perf_counter()
     t["color"] = t3 - t2
     grey = levels.color.convert("L")  # once for both hashes (each resizes it to 32x32 or 9x8)
@@ -115,7 +117,8 @@ def extract(
     t["hash"] = t4 - t3
     thumb = thumbnail_jpeg(levels.small, thumb_size) if thumb_size else None
     t["thumbnail"] = time.perf_counter() - t4
-    return HandFeatures(dec.width, dec.height, dec.format, dec.mode, chash, hist, ph, dh, thumb, levels.crop, t)
+    return HandFeatures(dec.width, dec.height, dec.format, dec.mode, chash, hist, ph, dh, thumb, levels.crop, t,
+                        layout=layout)
 
 
 def decode_side(model: ModelSpec) -> int:
