@@ -347,7 +347,8 @@ class Engine:
                 hit = self._upload_cache.get(key)
                 if hit is not None:
                     self._upload_cache.move_to_end(key)
-            if hit is not None and (hit.raw_emb is not None or not need_embedding):  # the same bytes searched before
+            if hit is not None and (hit.raw_emb is not None or not need_embedding) and (
+                    hit.raw_layout is not None or idx.layout is None):  # the same bytes searched before
                 emb = idx.project(hit.raw_emb) if hit.raw_emb is not None else None
                 out.append(QueryFeatures(hit.hist, hit.hashes, emb, None, key, hit.raw_emb,
                                          _project_layout(idx, hit.raw_layout), hit.raw_layout))
@@ -365,7 +366,7 @@ class Engine:
         def one(item: tuple[int, bytes, str]) -> tuple[Any, NDArray[np.float32] | None]:
             try:
                 f = extract(item[1], model=model if need_embedding else None, bins=bins, thumb_size=None,
-                            max_pixels=self.config.max_pixels, min_side=side)
+                            max_pixels=self.config.max_pixels, min_side=side, layout=idx.layout is not None)
             except ImageError as exc:
                 raise QueryError(f"{item[2] or 'query'}: {exc}", exc.kind) from None
             if not each or f.crop is None:
