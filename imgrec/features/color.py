@@ -101,7 +101,7 @@ def layout_descriptor(img: Image.Image) -> NDArray[np.float32]:
     Three parts, each square-rooted (so that a dot product is a Hellinger-like similarity) and the first two
     together and the third weighted equally: the soft-hue HSV 8x4x4 histogram of the whole picture; an 8x3x3 one
     of each quarter (top-left, top-right, bottom-left, bottom-right), so a blue sky above green grass differs from
-    the reverse; and the auto-correlogram of the 8x4x4 colours at 1, 3, 5 and 7 px. 928 numbers, about 2.6 ms;
+    the reverse; and the auto-correlogram of the 8x4x4 colours at 1, 3, 5 and 7 px. 928 numbers, about 1.5 ms;
     the index compresses them (PCA to 128 dimensions, fitted on the collection). Measured on the labelled sets
     against the HSV histogram alone: docs/relevance.md.
     """
