@@ -310,7 +310,7 @@ def save_report(lake: str | os.PathLike[str], report: dict[str, Any]) -> Path:
     """Write the report as ``<lake>/reports/eval-<set>.json`` (atomically; for an S3 lake, also uploaded beside
     it). A partial run (some measures, no multi-image or near-duplicate part) updates the parts it measured of an
     earlier report of the same snapshot and model, and keeps the others."""
-    from imgrec.lake import atomic_write_bytes
+    from imgrec.storage import atomic_write_bytes
 
     where = Lake(lake)
     path = where.local_dir("reports") / f"eval-{report['name']}.json"

@@ -83,15 +83,16 @@ def side(engine: Engine, spec: str) -> Side:
 
 class Features:
     """The index's features as pairs are scored, prepared once per join: the stored embeddings with their inverse
-    norms, the square roots of the histograms, the hashes (in memory: about 0.5 KB per image)."""
+    norms, the colour (the unit layout vectors, or for an index without them the square roots of the histograms),
+    the hashes (in memory: about 0.5 KB per image)."""
 
     def __init__(self, idx: IndexSet) -> None:
         self.emb = idx.embeddings  # float16, memory-mapped
         norms = np.concatenate([np.linalg.norm(np.asarray(idx.embeddings[i : i + 65536], dtype=np.float32), axis=1)
                                 for i in range(0, idx.size, 65536)]) if idx.size else np.empty(0, np.float32)
         self.inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
-        self.sqrt_color = np.sqrt(np.asarray(idx.color, dtype=np.float32))
         self.layout = None if idx.layout is None else sim.l2_normalize(np.asarray(idx.layout, dtype=np.float32))
+        self.sqrt_color = np.sqrt(np.asarray(idx.color, dtype=np.float32)) if self.layout is None else None
         self.hashes = np.ascontiguousarray(idx.hashes)
 
     def pairs(self, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:

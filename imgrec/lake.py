@@ -147,17 +147,6 @@ def snapshot_name(n: int) -> str:
     return f"{SNAPSHOTS}/{n:020d}.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename in the same directory, fsynced: readers see the old file or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _location(root: str | os.PathLike[str]) -> str | Path:
     return str(root).rstrip("/") if is_remote(root) else Path(root).expanduser().resolve()
 

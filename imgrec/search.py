@@ -629,17 +629,13 @@ class Engine:
         """Alpha query expansion of each query image's embedding (``space`` "embedding") or colour layout
         ("layout") with its nearest images (itself left out)."""
         k = self.config.expand_k
-        todo = [f for f in feats if getattr(f, "emb" if space == "embedding" else "layout") is not None]
-        if space == "embedding":
-            near = iter(self._candidates(idx, "embedding", todo, k + 1, "cosine", ef=self.config.expand_ef)
-                        if todo else [])
-        else:
-            near = iter(self._candidates(idx, "color", todo, k + 1, "layout", ef=self.config.expand_ef)
-                        if todo else [])
-        vectors = idx.embeddings if space == "embedding" else idx.layout
+        measure, distance, attr, vectors = ("embedding", "cosine", "emb", idx.embeddings) if space == "embedding" \
+            else ("color", "layout", "layout", idx.layout)
+        todo = [f for f in feats if getattr(f, attr) is not None]
+        near = iter(self._candidates(idx, measure, todo, k + 1, distance, ef=self.config.expand_ef) if todo else [])
         out = []
         for f in feats:
-            q = f.emb if space == "embedding" else f.layout
+            q = getattr(f, attr)
             if q is None:
                 out.append(f)
                 continue
@@ -649,8 +645,7 @@ class Engine:
             X = np.asarray(vectors[rows], dtype=np.float32)
             s = X @ q
             top = np.argsort(-s, kind="stable")[:k]
-            new = sim.expand_query(q, X[top], s[top], self.config.expand_alpha)
-            out.append(replace(f, emb=new) if space == "embedding" else replace(f, layout=new))
+            out.append(replace(f, **{attr: sim.expand_query(q, X[top], s[top], self.config.expand_alpha)}))
         return out
 
     def _require_index(self) -> IndexSet:
@@ -720,17 +715,15 @@ class Engine:
                       pool: NDArray[np.int64]) -> NDArray[np.float32]:
         if pool.size == 0:
             return np.empty((len(feats), 0), np.float32)
+        if distance in ("cosine", "layout"):  # the embedding or the colour layout: candidates normalised once, every
+            # query image in one product
+            X = np.asarray((idx.embeddings if measure == "embedding" else idx.layout)[pool], dtype=np.float32)
+            Q = sim.l2_normalize(np.stack([f.emb if measure == "embedding" else f.layout for f in feats]))
+            return sim.to_similarity(measure, distance, np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
         if measure == "embedding":
             X = np.asarray(idx.embeddings[pool], dtype=np.float32)
-            if distance == "cosine":  # the candidates normalised once, every query image in one product
-                Q = sim.l2_normalize(np.stack([f.emb for f in feats]))
-                return sim.to_similarity("embedding", "cosine", np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
             fn = {"euclidean": sim.euclidean_distance, "manhattan": sim.manhattan_distance}[distance]
             return np.stack([sim.to_similarity("embedding", distance, fn(f.emb, X), dim=X.shape[1]) for f in feats])
-        if measure == "color" and distance == "layout":
-            X = np.asarray(idx.layout[pool], dtype=np.float32)
-            Q = sim.l2_normalize(np.stack([f.layout for f in feats]))
-            return sim.to_similarity("color", "layout", np.ascontiguousarray((sim.l2_normalize(X) @ Q.T).T))
         if measure == "color":
             X = np.asarray(idx.color[pool], dtype=np.float32)
             bins = tuple(idx.meta["color_bins"])

@@ -118,13 +118,7 @@ class LocalStore(Store):
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        atomic_write_bytes(path, data)
 
     def put_file(self, local: Path, rel: str) -> None:
         path = self.root / rel
@@ -151,11 +145,7 @@ class LocalStore(Store):
         written to a temporary file first and linked into place, so the file is never seen half-written."""
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = _written_beside(path, data)
         try:
             os.link(tmp, path)  # atomic, and fails if the name exists
         except FileExistsError:
@@ -197,6 +187,22 @@ class LocalStore(Store):
         path = self.root / ".scratch"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _written_beside(path: Path, data: bytes) -> Path:
+    """``data`` in a fsynced temporary file next to ``path`` (same directory: renamed or linked into place)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename in the same directory, fsynced: readers see the old file or the new, never a part."""
+    os.replace(_written_beside(path, data), path)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

@@ -25,7 +25,8 @@ import pyarrow as pa
 from imgrec import similarity as sim
 from imgrec.config import Config
 from imgrec.index import INDEXES, current_dir, index_root, path_keys, push_index
-from imgrec.lake import LAYOUT_DIMS, Lake, LakeError, atomic_write_bytes, now
+from imgrec.lake import LAYOUT_DIMS, Lake, LakeError, now
+from imgrec.storage import atomic_write_bytes
 
 
 def _matrix(col: pa.ChunkedArray | pa.Array, dim: int, dtype: Any) -> np.ndarray:

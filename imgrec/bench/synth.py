@@ -206,7 +206,8 @@ def synthesize(source: Path, n: int, work: Path, *, seed: int = 0, log: Log | No
     log = log or make_logger()
     import polars as pl
 
-    from imgrec.lake import Lake, atomic_write_bytes, now
+    from imgrec.lake import Lake, now
+    from imgrec.storage import atomic_write_bytes
 
     final = lake_path(source, n, work, seed)
     if (final / META).is_file():
@@ -266,7 +267,8 @@ def ensure_index(lake: Path, *, log: Log | None = None) -> dict[str, Any]:
     log = log or make_logger()
     from imgrec.config import Config
     from imgrec.index import current_dir, index_root
-    from imgrec.lake import Lake, atomic_write_bytes
+    from imgrec.lake import Lake
+    from imgrec.storage import atomic_write_bytes
     from pipelines.index import build_indexes
 
     lake = Path(lake)
