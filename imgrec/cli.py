@@ -4,6 +4,7 @@ needs them, so `imgrec --help` and `imgrec stats` start fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,11 +22,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import ingest
 
     cfg = _config(args, model=args.model, workers=args.workers, batch_size=args.batch_size, device=args.device,
-                  commit_every=args.commit_every, embed_threads=args.embed_threads)
+                  commit_every=args.commit_every, embed_threads=args.embed_threads,
+                  engine=args.engine or ("ray" if args.address else None),
+                  ray_address=args.address, embed_actors=args.embed_actors, ray_stages=args.ray_stages)
     if args.progress_json:  # machine-readable progress on stdout (the app's background ingestion reads it)
         on_progress, log = _json_progress()
-        report = ingest(args.roots, cfg, progress=False, on_progress=on_progress, log=log,
-                        build_index=not args.no_index)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines' alone (Ray prints its own there)
+            report = ingest(args.roots, cfg, progress=False, on_progress=on_progress, log=log,
+                            build_index=not args.no_index)
         _emit({"event": "report", **report.to_json()})
         return 130 if report.interrupted else 0
     report = ingest(args.roots, cfg, progress=not args.quiet and sys.stderr.isatty() or args.progress,
@@ -42,8 +46,8 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-def _emit(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+def _emit(event: dict[str, Any], out: Any = None) -> None:
+    print(json.dumps(event), file=out or sys.stdout, flush=True)
 
 
 def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
@@ -51,7 +55,7 @@ def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
     ``{"event": "progress", "done", "total", "images_per_s", "elapsed_s"}``; log lines also as ``{"event": "log"}``."""
     import time
 
-    t_start = time.perf_counter()
+    t_start, out = time.perf_counter(), sys.stdout  # stdout as it is now (the run may redirect it meanwhile)
     first: list[float] = []  # time and count at the first image: the rate leaves out the scan and the model load
     last = [0.0]
 
@@ -64,11 +68,11 @@ def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
         last[0] = now
         rate = (done - first[1]) / (now - first[0]) if now > first[0] and done > first[1] else 0.0
         _emit({"event": "progress", "done": done, "total": total, "images_per_s": round(rate, 2),
-               "elapsed_s": round(now - t_start, 2)})
+               "elapsed_s": round(now - t_start, 2)}, out)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
-        _emit({"event": "log", "message": message, "elapsed_s": round(time.perf_counter() - t_start, 2)})
+        _emit({"event": "log", "message": message, "elapsed_s": round(time.perf_counter() - t_start, 2)}, out)
 
     return on_progress, log
 
@@ -302,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embed-threads", type=int,
                     help="torch threads for the CPU embedding (default 0: chosen from what the workers leave)")
     sp.add_argument("--commit-every", type=int, help="images per atomic commit (default 512)")
+    sp.add_argument("--engine", choices=("local", "ray"),
+                    help="local (default): worker processes on this machine; ray: a Ray Data job on a cluster")
+    sp.add_argument("--address", help="--engine ray: the cluster (auto, or HOST:PORT of its head; default: a local "
+                                      "Ray instance on 127.0.0.1, started and stopped by this command)")
+    sp.add_argument("--ray-stages", choices=("auto", "fused", "split"),
+                    help="--engine ray: fused (each task decodes and embeds), split (CPU tasks decode, actors embed), "
+                         "or auto (the default: split where the cluster has GPUs)")
+    sp.add_argument("--embed-actors", type=int,
+                    help="--engine ray: embedding actors (default: one per GPU; fused: tasks at a time, one per CPU)")
     sp.add_argument("--no-index", action="store_true", help="do not rebuild the search index at the end")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")

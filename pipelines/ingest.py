@@ -68,7 +68,10 @@ class IngestReport:
     removed: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (worker stages summed over workers)
-    workers: int = 1
+    workers: int = 1  # decoding processes (local), or the CPUs left to the decoding tasks (ray)
+    engine: str = "local"
+    nodes: int = 1  # machines of the run (ray: the cluster's nodes alive at its start)
+    embed_actors: int = 0  # ray: actors of the embedding pool
     device: str = "cpu"
     backend: str = "torch"
     cpu_busy: float | None = None  # CPU time of the run (all processes) / (wall time x cores), while processing
@@ -342,19 +345,37 @@ def ingest(
         workers = max(1, min(config.workers, len(tasks)))
         report.workers = workers
         backend = state.choose_backend(log)
+        distributed = config.engine == "ray" and bool(tasks)
         # ONNX Runtime on the CPU: each worker process embeds its own chunks, on its share of the cores; torch (a
         # GPU): the crops come back and this process embeds them in batches
-        in_workers = backend == "onnx" and workers > 1
-        if in_workers:
+        in_workers = backend == "onnx" and workers > 1 and not distributed
+        if in_workers or (distributed and backend == "onnx"):
             ensure_onnx(model, log)  # exported once, before the workers start
         init_args = (model, bins, thumb, config.max_pixels, reusable, config.max_file_bytes,
                      max(1, _cores() // workers) if in_workers else None)
         stop = stop or threading.Event()
         _init_worker(*init_args[:-1])  # this process extracts a relinked file's twin (and everything, alone)
-        cpu0, t_work = time.process_time(), time.perf_counter()
-        with _stop_on_signals(stop, log), contextlib.ExitStack() as cleanup:
+        with contextlib.ExitStack() as cleanup:
             pool = None
-            if workers > 1:
+            if distributed:  # Ray is started (or joined) before the signal handlers: Ctrl-C stays this run's
+                from pipelines import distributed as dist
+
+                cluster = cleanup.enter_context(dist.session(config.ray_address or None, log))
+                report.engine, report.nodes = "ray", cluster.nodes
+                pools = dist.plan_pools(config, cluster, backend)
+                report.embed_actors, report.workers = pools.embed_actors, pools.decode_cpus
+                if state.checksum is None:  # the driver embeds nothing: the weights' identity without loading them
+                    from imgrec.features.runtime import weights_checksum
+
+                    state.checksum = weights_checksum(model)
+                    state._check_weights(state.checksum)
+                state.device = "cuda" if cluster.gpus else "cpu"
+            cleanup.enter_context(_stop_on_signals(stop, log))
+            cpu0, t_work = time.process_time(), time.perf_counter()
+            if distributed:
+                results = cleanup.enter_context(contextlib.closing(
+                    dist.results(tasks, init_args[:-1], config, cluster, backend, log)))
+            elif workers > 1:
                 pool = cleanup.enter_context(WorkerPool(
                     workers, _work_chunk, _crashed, initializer=_init_worker, initargs=init_args,
                     item_timeout_s=config.file_timeout_s))
@@ -368,18 +389,31 @@ def ingest(
                 state.threads = _EmbedThreads(_cores(), 1, config.embed_threads or None, lambda: True)
             state.ensure_lake()
             bar = _bar(len(tasks), progress)
-            for done, (task, chash, feats, reason, read_s) in enumerate(results, 1):
-                if stop.is_set():
-                    report.interrupted = True
-                    log(f"imgrec: stopped; committing the {done - 1} images handled so far")
-                    break
-                stages["read"] += read_s
-                state.handle(task, chash, feats, reason, deleted)
-                bar.update(1)
-                if on_progress:
-                    on_progress(done, len(tasks))
+            done = 0
+            try:
+                for done, (task, chash, feats, reason, read_s) in enumerate(results, 1):
+                    if stop.is_set():
+                        report.interrupted = True
+                        log(f"imgrec: stopped; committing the {done - 1} images handled so far")
+                        break
+                    stages["read"] += read_s
+                    state.handle(task, chash, feats, reason, deleted)
+                    bar.update(1)
+                    if on_progress:
+                        on_progress(done, len(tasks))
+            except Exception:
+                if not distributed:
+                    raise
+                state.flush()  # what the driver holds is complete: kept, and the next run resumes after it
+                if not stop.is_set():
+                    raise
+                report.interrupted = True  # Ctrl-C reached the local Ray processes too
+                log(f"imgrec: stopped; committed the {done} images handled so far")
             bar.close()
-            if pool is not None:
+            if distributed:
+                worker_cpu = None
+                stages.pop("cpu", None)
+            elif pool is not None:
                 report.worker_restarts = pool.restarts
                 worker_cpu = stages.pop("cpu", 0.0)
                 if pool.restarts:
@@ -389,7 +423,7 @@ def ingest(
                 worker_cpu = 0.0
                 stages.pop("cpu", None)
         wall = time.perf_counter() - t_work
-        if wall > 0 and tasks:  # how much of the machine the run kept busy while it processed files
+        if wall > 0 and tasks and worker_cpu is not None:  # how much of the machine the run kept busy
             report.cpu_busy = round((time.process_time() - cpu0 + worker_cpu) / (wall * _cores()), 3)
         # files that disappeared and whose bytes did not reappear elsewhere
         if not report.interrupted:

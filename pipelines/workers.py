@@ -74,7 +74,8 @@ def crash_reason(exitcode: int | None, timed_out: bool, limit_s: float) -> str:
 
 
 class WorkerPool:
-    """``map(chunks)`` over ``size`` processes (fork), results in order; see the module's docstring.
+    """``map(chunks)`` over ``size`` processes (forked, or ``start_method``), results in order; see the module's
+    docstring.
 
     ``fn(items) -> results`` (one per item) runs in the workers after ``initializer(*initargs)``;
     ``on_crash(item, reason) -> result`` stands for an item that killed its worker twice. ``item_timeout_s``: a
@@ -84,8 +85,8 @@ class WorkerPool:
     def __init__(self, size: int, fn: Callable[[list[Item]], list[Result]],
                  on_crash: Callable[[Item, str], Result], *, initializer: Callable[..., None] | None = None,
                  initargs: tuple[Any, ...] = (), per_worker: int = 2, window: int | None = None,
-                 item_timeout_s: float = 300.0) -> None:
-        self.ctx = mp.get_context("fork")
+                 item_timeout_s: float = 300.0, start_method: str = "fork") -> None:
+        self.ctx = mp.get_context(start_method)  # spawn: from a process with threads of its own (a Ray actor)
         self.fn, self.on_crash, self.initializer, self.initargs = fn, on_crash, initializer, initargs
         self.per_worker, self.item_timeout_s = max(1, per_worker), item_timeout_s
         self.window = window or 4 * size * self.per_worker

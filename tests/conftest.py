@@ -13,6 +13,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Ray (tests/test_distributed.py) on the loopback only: with its multi-node switch off, every node, GCS and driver of
+# a test cluster takes 127.0.0.1 as its address (else ray.init turns 127.0.0.1 into this machine's outward address);
+# read when ray is imported, and inherited by the CLI processes the tests start
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:

@@ -53,3 +53,27 @@ def test_corrupt_copy_of_a_real_photo_is_skipped(shared_data: Path, tmp_path: Pa
     lake = tmp_path / "lake"
     report = ingest([root], Config.load(lake, workers=1), progress=False)
     assert (report.processed, report.skipped) == (1, 1)
+
+
+def test_ray_ingest_searches_exactly_like_local(flowers: tuple[Path, Engine], tmp_path: Path) -> None:
+    """`imgrec ingest ... --engine ray` (a local Ray instance started and stopped by the command) gives a lake
+    whose searches are those of the local engine's: same images, same order, same scores, every measure."""
+    pytest.importorskip("ray")
+    import subprocess
+    import sys
+
+    folder, local = flowers
+    classes = sorted(p for p in folder.parent.iterdir() if p.is_dir())[:3]
+    lake = tmp_path / "lake"
+    proc = subprocess.run([sys.executable, "-m", "imgrec.cli", "ingest", *map(str, classes), "--lake", str(lake),
+                           "--engine", "ray", "--quiet"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    ray_engine = Engine(Config.load(lake))
+    for measure in ("color", "hash", "embedding", "mix"):
+        for q in [*sorted(folder.glob("*.jpg"))[:3], sorted(classes[2].glob("*.jpg"))[5]]:
+            a, b = (e.search([q], measure, k=5, exclude_query=True).results for e in (local, ray_engine))
+            assert [r.path for r in a] == [r.path for r in b], (measure, q)
+            assert [r.score for r in a] == pytest.approx([r.score for r in b], abs=1e-5)
+    two = [sorted(classes[0].glob("*.jpg"))[1], sorted(classes[1].glob("*.jpg"))[1]]
+    a, b = (e.search(two, "mix", k=5).results for e in (local, ray_engine))
+    assert [r.path for r in a] == [r.path for r in b]
