@@ -38,10 +38,15 @@ DATA = ROOT.parent / "shared" / "data" / "oxford_flowers17" / "images"
 
 
 def cpu_model() -> str:
+    """The CPU's model name and the vector extensions that change these figures."""
+    name, flags = platform.processor(), set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    ext = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(ext)})"
 
 
 def run_once(photos: Path, extra: list[str]) -> dict:
