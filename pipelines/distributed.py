@@ -1,12 +1,13 @@
 """The ``ray`` engine of ingestion: the per-image work of ``pipelines.ingest`` as a Ray Data job on a cluster.
 
 The walk, the incremental plan and the commits stay on the driver (``ingest``): this module turns the plan's tasks
-into a dataset of file references (pickled ``Task`` rows, never a listing by Ray), reads and extracts each file in a
-CPU task (``_extract``: the same ``_work`` as a local worker, every error caught per image and returned as a
-skipped row), embeds the crops in a pool of actors (``_Embed``: one model load per actor, ``num_gpus=1`` each where
-the cluster has GPUs), and hands the results back in the plan's order, so the driver assigns the same ``image_id``s
-and writes the same rows a local run would. A worker node that dies has its tasks retried by Ray (its actors
-restarted elsewhere); the driver drops a result it has already seen, so nothing is ingested twice.
+into a dataset of file references (pickled ``Task`` rows, never a listing by Ray) and runs the local engine's own
+per-image code on the cluster, in one of two shapes (``plan_pools``): fused, a task per CPU that reads, decodes and
+embeds its files in a supervised child process (``_decode_embed``), or split, CPU tasks that decode (``_extract``)
+and a pool of embedding actors (``_Embed``: one model load per actor, ``num_gpus=1`` each where the cluster has
+GPUs). Every error is caught per image and returned as a skipped row. Results come back in the plan's order, so the
+driver assigns the same ``image_id``s and writes the same rows a local run would; a task lost with its node is run
+again by Ray, and the driver drops a result it has already seen, so nothing is ingested twice.
 
 ``ray`` is imported only here, and only by a run with ``--engine ray``.
 """
@@ -61,6 +62,7 @@ def session(address: str | None, log: Callable[[str], None]) -> Iterator[Cluster
         common: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": logging.ERROR,
                                   "configure_logging": True}
         if address:
+            _reachable(address)  # ray.init retries an unreachable address for minutes
             try:
                 ray.init(address=address, **common)
             except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -80,8 +82,23 @@ def session(address: str | None, log: Callable[[str], None]) -> Iterator[Cluster
             f"{info.cpus} CPUs, {info.gpus} GPUs")
         yield info
     finally:
-        if started:
-            ray.shutdown()
+        if started:  # (a connection to a cluster is left to Ray's exit handler: shutting it down here while Ray
+            ray.shutdown()  # Data's threads wind down made the process exit with status 1 after a Ctrl-C)
+
+
+def _reachable(address: str, timeout_s: float = 10.0) -> None:
+    """LakeError unless ``HOST:PORT`` accepts a connection (``auto`` and other forms: left to Ray)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise LakeError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (is `ray start --head` "
+                        "running there, with that port open?)") from None
 
 
 def _store_bytes() -> int:
