@@ -63,9 +63,9 @@ class Config:
     commit_every: int = 512  # images per atomic commit (what a kill -9 can lose at most)
     engine: str = "local"  # "local": worker processes on this machine; "ray": a Ray Data job (pipelines.distributed)
     ray_address: str = ""  # the Ray cluster to run on ("auto", "HOST:6379"; empty: a local instance, started and stopped)
-    embed_actors: int = 0  # Ray embedding actors (0: one per GPU, else 2 in 5 of the cluster's CPUs)
+    embed_actors: int = 0  # Ray: embedding actors (split; 0: one per GPU) or tasks at a time (fused; 0: one a CPU)
     ray_files_per_task: int = 64  # files a Ray task reads (fewer when the run is small, so every CPU gets 4)
-    ray_stages: str = "auto"  # "fused": each Ray actor decodes and embeds; "split": CPU tasks decode, actors embed;
+    ray_stages: str = "auto"  # "fused": each Ray task decodes and embeds; "split": CPU tasks decode, actors embed;
     # "auto": split where the cluster has GPUs, else fused (pipelines.distributed.plan_pools)
     thumb_size: int = 256
     max_pixels: int = 180_000_000  # larger declared images are refused (decompression bombs)

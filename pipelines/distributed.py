@@ -124,8 +124,8 @@ class Pools:
 
 def plan_pools(config: Config, cluster: Cluster, backend: str = "onnx") -> Pools:
     """With GPUs (or the torch backend): CPU tasks decode, one embedding actor per GPU (or ``embed_actors``). CPU
-    only (``ray_stages`` auto): fused, an actor per CPU; measured on 2 cores, the split stages cost half the throughput (the crops
-    pickled between processes, a core idle whenever the two stages' speeds differ). Split on CPUs: about 2 actors
+    only (``ray_stages`` auto): fused, a task per CPU; on 2 cores the split stages left a core idle whenever the
+    two stages' speeds differ. Split on CPUs: about 2 actors
     in 5 CPUs, always leaving the decoding one: actors that hold every CPU leave the decoding tasks waiting forever."""
     if config.ray_stages not in ("auto", "fused", "split"):
         raise LakeError(f"ray_stages must be auto, fused or split, not {config.ray_stages!r}")
@@ -178,29 +178,26 @@ class _Embed:
         return {"seq": batch["seq"], "done": np.array([pickle.dumps(d, protocol=5) for d in dones], dtype=object)}
 
     def embed(self, dones: list[Any]) -> None:
-        """Embeds the crops of ``dones`` in place (one call), the time shared out as each image's ``embed``."""
-        import time
+        """Embeds the crops of ``dones`` in place (``pipelines.ingest.embed_crops``); out of memory: the batch size
+        to lower, in words."""
+        from pipelines.ingest import embed_crops
 
-        todo = [d[2] for d in dones if d[2] is not None and d[2].crop is not None]
-        if not todo:
-            return
-        t0 = time.perf_counter()
         try:
-            if self.fault_oom:
-                import torch
-
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            emb, top_i, top_p = self.embedder.embed(np.stack([f.crop for f in todo]))
+            embed_crops(dones, self._embed)
         except Exception as exc:
             if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
+                n = sum(d[2] is not None and d[2].crop is not None for d in dones)
                 raise RuntimeError(
-                    f"the embedding ran out of {self.embedder.device.upper()} memory on a batch of {len(todo)} "
+                    f"the embedding ran out of {self.embedder.device.upper()} memory on a batch of {n} "
                     f"images: {OOM_HINT} (now {self.batch_size}; try {max(1, self.batch_size // 2)})") from None
             raise
-        share = (time.perf_counter() - t0) / len(todo)
-        for j, f in enumerate(todo):
-            f.emb, f.top_i, f.top_p, f.crop = emb[j], top_i[j], top_p[j], None
-            f.timings["embed"] = share
+
+    def _embed(self, crops: np.ndarray) -> Any:
+        if self.fault_oom:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.embedder.embed(crops)
 
 
 _POOL: dict[str, Any] = {}  # per Ray worker process: the decoding child of the job in hand
@@ -210,8 +207,8 @@ def _decode_embed(batch: dict[str, np.ndarray], init: tuple[Any, ...], job: str,
                   chunk: int) -> dict[str, np.ndarray]:
     """A fused task: a local engine's worker, supervised. A child process (``WorkerPool`` of one, spawned once per
     Ray worker process and job, so the model loads once) reads, decodes, extracts and embeds the batch (ONNX
-    Runtime, one thread, ``chunk`` images a call). A file that crashes the decoder natively kills the child, not the task: it is retried
-    alone and recorded as skipped with the local engine's reason. Tasks, not actors: a task lost with its node is
+    Runtime, one thread, ``chunk`` images a call). A file that crashes the decoder natively kills the child, not
+    the task: it is retried alone and recorded as skipped with the local engine's reason. Tasks, not actors: a task lost with its node is
     run again on any node, where an actor would wait for a CPU to restart on (none is free in a packed cluster)."""
     from pipelines import ingest as ing
     from pipelines.workers import WorkerPool
@@ -223,18 +220,15 @@ def _decode_embed(batch: dict[str, np.ndarray], init: tuple[Any, ...], job: str,
                                               initargs=(*init, 1), item_timeout_s=timeout_s, start_method="spawn"))
     tasks = [pickle.loads(t) for t in batch["task"]]  # to the child in embedding batches, two ahead: no idle gap
     dones = [d for part in _POOL["pool"].map(tasks[i : i + chunk] for i in range(0, len(tasks), chunk)) for d in part]
-    for d in dones:
-        if d[2] is not None:
-            d[2].timings.pop("cpu", None)
     return {"seq": batch["seq"], "done": np.array([pickle.dumps(d, protocol=5) for d in dones], dtype=object)}
 
 
 # --- driver side ----------------------------------------------------------------------------------------------------
 
 
-def results(tasks: Sequence[Any], init: tuple[Any, ...], config: Config, cluster: Cluster, backend: str,
-            log: Callable[[str], None]) -> Iterator[Any]:
-    """The ``Done`` of every task, in the tasks' order, computed on the cluster."""
+def results(tasks: Sequence[Any], init: tuple[Any, ...], config: Config, cluster: Cluster, pools: Pools,
+            backend: str, log: Callable[[str], None]) -> Iterator[Any]:
+    """The ``Done`` of every task, in the tasks' order, computed on the cluster as ``pools`` (``plan_pools``) says."""
     import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -247,7 +241,6 @@ def results(tasks: Sequence[Any], init: tuple[Any, ...], config: Config, cluster
     ctx.print_on_execution_start = False
     ctx.op_resource_reservation_enabled = False  # with reservations, a 2-CPU cluster's read tasks wait forever
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    pools = plan_pools(config, cluster, backend)
     use_gpu = cluster.gpus > 0 and not pools.fused
     per_task = max(1, min(config.ray_files_per_task, -(-len(tasks) // max(1, pools.decode_cpus * 4))))
     tables = [pa.table({"seq": pa.array(range(i, min(i + per_task, len(tasks))), pa.int64()),

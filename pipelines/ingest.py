@@ -115,23 +115,33 @@ def _work_chunk(tasks: list[Task]) -> list[Done]:
     t0 = time.process_time()
     done = [_work(t) for t in tasks]
     if _W.get("embed_threads") is not None:
-        todo = [f for _, _, f, _, _ in done if f is not None and f.crop is not None]
-        if todo:
-            t1 = time.perf_counter()
+        def embedder() -> Any:
             if _W["embedder"] is None:
                 from imgrec.features.runtime import OnnxEmbedder
 
                 _W["embedder"] = OnnxEmbedder(_W["model"].name, threads=_W["embed_threads"])
-            emb, top_i, top_p = _W["embedder"].embed(np.stack([f.crop for f in todo]))
-            share = (time.perf_counter() - t1) / len(todo)
-            for j, f in enumerate(todo):
-                f.emb, f.top_i, f.top_p, f.crop = emb[j], top_i[j], top_p[j], None
-                f.timings["embed"] = share
+            return _W["embedder"]
+
+        embed_crops(done, lambda crops: embedder().embed(crops))
     cpu = (time.process_time() - t0) / max(1, len(tasks))
     for _, _, f, _, _ in done:
         if f is not None:
             f.timings["cpu"] = cpu
     return done
+
+
+def embed_crops(done: list[Done], embed: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Embeds the crops of extracted files in place, in one ``embed`` call (none without a crop), the time shared
+    out as each image's ``embed`` stage."""
+    todo = [f for _, _, f, _, _ in done if f is not None and f.crop is not None]
+    if not todo:
+        return
+    t0 = time.perf_counter()
+    emb, top_i, top_p = embed(np.stack([f.crop for f in todo]))
+    share = (time.perf_counter() - t0) / len(todo)
+    for j, f in enumerate(todo):
+        f.emb, f.top_i, f.top_p, f.crop = emb[j], top_i[j], top_p[j], None
+        f.timings["embed"] = share
 
 
 def _crashed(task: Task, reason: str) -> Done:
@@ -374,7 +384,7 @@ def ingest(
             cpu0, t_work = time.process_time(), time.perf_counter()
             if distributed:
                 results = cleanup.enter_context(contextlib.closing(
-                    dist.results(tasks, init_args[:-1], config, cluster, backend, log)))
+                    dist.results(tasks, init_args[:-1], config, cluster, pools, backend, log)))
             elif workers > 1:
                 pool = cleanup.enter_context(WorkerPool(
                     workers, _work_chunk, _crashed, initializer=_init_worker, initargs=init_args,
