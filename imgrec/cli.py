@@ -80,8 +80,15 @@ def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
 def cmd_index(args: argparse.Namespace) -> int:
     from pipelines.index import build_indexes
 
-    meta = build_indexes(_config(args), force=args.force, log=lambda s: print(s, file=sys.stderr))
-    print(json.dumps({k: meta[k] for k in ("snapshot", "count", "build_seconds")}))
+    if args.shards is not None and args.shards < 1:
+        print("imgrec: --shards must be at least 1", file=sys.stderr)
+        return 2
+    cfg = _config(args, **({"index_shards": args.shards} if args.shards else {}))
+    meta = build_indexes(cfg, force=args.force, log=lambda s: print(s, file=sys.stderr))
+    out = {k: meta[k] for k in ("snapshot", "count", "build_seconds")}
+    if meta.get("shards"):
+        out["shards"] = {k: meta["shards"][k] for k in ("count", "images", "rebuilt", "unchanged")}
+    print(json.dumps(out))
     return 0
 
 
@@ -327,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("index", help="build the search index of the lake's current snapshot")
     lake_arg(sp)
     sp.add_argument("--force", action="store_true", help="rebuild from scratch even if the index is current")
+    sp.add_argument("--shards", type=int, help="deal the images to N shards, each its own graphs, built in parallel "
+                                               "and searched side by side (default: as the current index; 1: one)")
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("search", help="the most similar images to 1 to 5 query images")

@@ -27,6 +27,7 @@ from imgrec.lake import Lake
 
 if TYPE_CHECKING:
     from imgrec.mih import RadiusIndex
+    from imgrec.searchers import Searcher
 
 RADIUS_INDEX_MIN = 50_000  # smaller lakes scan every hash for near-duplicates (under 0.2 ms)
 RADIUS_INDEX_AFTER = 3  # built (in the background) once this many searches asked for it: never for a one-off search
@@ -80,12 +81,14 @@ def _pull_current(lake: Lake) -> Path | None:
     local = index_root(lake) / name
     if (local / COMPLETE).is_file():
         return local
-    entries = [e for e in lake.store.list(f"{INDEXES}/{name}") if "/" not in e.path[len(INDEXES) + len(name) + 2:]]
-    if not any(e.path.endswith("/meta.json") for e in entries):
+    prefix = f"{INDEXES}/{name}/"
+    entries = [e for e in lake.store.list(f"{INDEXES}/{name}") if e.path.startswith(prefix) and
+               e.path[len(prefix):].count("/") <= 1]  # its files, and its shards' (shard-NNN/...)
+    if not any(e.path == prefix + "meta.json" for e in entries):
         return None
     tmp = local.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
     for e in entries:
-        lake.store.get_file(e.path, tmp / e.path.rsplit("/", 1)[-1])
+        lake.store.get_file(e.path, tmp / e.path[len(prefix):])
     thumbs = index_root(lake) / "thumbs"
     if (tmp / "thumbs.json").is_file():
         for seg in json.loads((tmp / "thumbs.json").read_text()):
@@ -100,9 +103,9 @@ def _pull_current(lake: Lake) -> Path | None:
 def push_index(lake: Lake, snap: Path, segments: list[str]) -> None:
     """Upload a freshly built index of an S3 lake (its files, the thumbnail segments it added), then its
     ``CURRENT``: searchers see the new index only once it is whole."""
-    for f in sorted(snap.iterdir()):
+    for f in sorted(snap.rglob("*")):  # its files, and its shards' folders
         if f.is_file() and f.name != COMPLETE:
-            lake.store.put_file(_scratch_copy(lake, f), f"{INDEXES}/{snap.name}/{f.name}")
+            lake.store.put_file(_scratch_copy(lake, f), f"{INDEXES}/{snap.name}/{f.relative_to(snap).as_posix()}")
     for seg in segments:
         lake.store.put_file(_scratch_copy(lake, snap.parent / "thumbs" / seg), f"{INDEXES}/thumbs/{seg}")
     lake.store.write_bytes(f"{INDEXES}/CURRENT", snap.name.encode())
@@ -173,7 +176,7 @@ class IndexSet:
         """The colour layout vectors as searched (unit norm, float16), memory-mapped; None for an index of a lake
         ingested before the colour layout (its colour measure is the histogram)."""
         f = self.path / "layout.npy"
-        return np.load(f, mmap_mode="r") if f.is_file() and (self.path / "layout.usearch").is_file() else None
+        return np.load(f, mmap_mode="r") if f.is_file() and self.searcher.has("layout") else None
 
     @cached_property
     def layout_space(self) -> tuple[NDArray[np.float32], NDArray[np.float32]] | None:
@@ -189,10 +192,6 @@ class IndexSet:
 
         w = self.layout_space
         return sim.apply_whitening(raw, *w) if w is not None else sim.l2_normalize(raw).astype(np.float32)
-
-    @cached_property
-    def layout_hnsw(self) -> Any:
-        return _restore(self.path / "layout.usearch")
 
     @cached_property
     def metadata(self) -> Any:
@@ -262,12 +261,16 @@ class IndexSet:
         return np.asfortranarray(self.hashes)
 
     @cached_property
-    def embedding_hnsw(self) -> Any:
-        return _restore(self.path / "embedding.usearch")
+    def searcher(self) -> Searcher:
+        """Where the graph searches run: this folder's graphs, or its shards (``imgrec.searchers``)."""
+        from imgrec.searchers import open_searcher
 
-    @cached_property
-    def color_hnsw(self) -> Any:
-        return _restore(self.path / "color.usearch")
+        return open_searcher(self.path)
+
+    def knn(self, graph: str, X: NDArray[np.floating], count: int, ef: int, threads: int) -> list[NDArray[np.int64]]:
+        """Per row of ``X``, the rows of its ``count`` nearest images in ``graph`` (best first)."""
+        hits = self.searcher.knn(graph, np.asarray(X, dtype=np.float32), min(count, self.size), ef, threads)
+        return [self.rows(k) for k in hits.lists()]
 
     def radius_index(self, cols: slice, radius: int, *, now: bool = False, wait: bool = False
                      ) -> RadiusIndex | None:
@@ -309,9 +312,3 @@ class IndexSet:
         if not np.all(ok):
             raise KeyError(f"image ids not in the index: {ids[~ok].tolist()[:10]}")
         return pos.astype(np.int64)
-
-
-def _restore(path: Path) -> Any:
-    from usearch.index import Index
-
-    return Index.restore(str(path), view=True)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 EXACT_RIGHT = 20_000  # a right side up to this size is scored exactly
 CANDIDATES = 64  # graph candidates per left image and measure (at least 4 k), before the exact scores
 BATCH = 512  # left images per batch
+GRAPH_EF = 64  # graph search breadth (usearch's default; at least the candidates wanted)
 MAX_PAIRS = 5_000_000  # a join that would give more pairs stops with JoinError (raise the threshold or this)
 COLUMNS = ("left_id", "left_path", "right_id", "right_path", "score", "score_embedding", "score_color", "score_hash",
            "rank")
@@ -208,20 +209,18 @@ def _graph(plan: _Plan, measure: str, a: NDArray[np.int64]) -> NDArray[np.int64]
     """(len(a), count) rows found by a measure's HNSW graph (-1 where fewer), in one batched search."""
     idx = plan.idx
     if measure == "embedding":
-        graph, X = idx.embedding_hnsw, np.asarray(idx.embeddings[a], dtype=np.float32)
+        graph, X = "embedding", np.asarray(idx.embeddings[a], dtype=np.float32)
     elif measure == "color" and idx.layout is not None:
-        graph, X = idx.layout_hnsw, plan.features.layout[a]
+        graph, X = "layout", plan.features.layout[a]
     elif measure == "color":
-        graph, X = idx.color_hnsw, np.sqrt(np.asarray(idx.color[a], dtype=np.float32))
+        graph, X = "color", np.sqrt(np.asarray(idx.color[a], dtype=np.float32))
     else:
         return _scan_hash(plan, a)
     count = min(plan.count, idx.size)
-    matches = graph.search(X, count, threads=plan.threads)
-    keys = np.asarray(matches.keys, dtype=np.int64).reshape(a.size, -1)
-    counts = np.asarray(matches.counts).reshape(-1) if hasattr(matches, "counts") else np.array([len(matches)])
-    out = np.full(keys.shape, -1, dtype=np.int64)
-    valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
-    out[valid] = idx.rows(keys[valid])
+    hits = idx.searcher.knn(graph, np.asarray(X, dtype=np.float32), count, GRAPH_EF, plan.threads)
+    out = np.full(hits.keys.shape, -1, dtype=np.int64)
+    valid = hits.keys >= 0
+    out[valid] = idx.rows(hits.keys[valid])
     return out
 
 

@@ -318,11 +318,10 @@ def _cold_start_child(lake: str, measure: str, query: str, k: int, t_parent: flo
     weights = engine.config.weights
     measures = [m for m in weights if weights[m] > 0] if measure == "mix" else [measure]
     t = time.perf_counter()
-    hnsw = {}
     if "embedding" in measures:
-        hnsw["embedding"] = engine.index.embedding_hnsw  # restored lazily by the first search otherwise
+        engine.index.searcher.warm("embedding")  # restored lazily by the first search otherwise
     if "color" in measures:
-        hnsw["color"] = engine.index.color_hnsw if engine.index.layout is None else engine.index.layout_hnsw
+        engine.index.searcher.warm("color" if engine.index.layout is None else "layout")
     hnsw_ms = _ms(t)
     parts["index_open"] = round(engine.open_ms.get("index_open", 0.0) + hnsw_ms, 1)
     details["index_open"] = {"memory_map": engine.open_ms.get("index_open", 0.0), "hnsw_restore": hnsw_ms,

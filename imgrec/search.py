@@ -146,7 +146,6 @@ class Engine:
         self.auto_index = auto_index
         self._lock = threading.RLock()
         self._model_lock = threading.Lock()  # loading the model must not hold up searches that do not need it
-        self._hnsw_locks = {"embedding": threading.Lock(), "color": threading.Lock(), "layout": threading.Lock()}
         self._embedder: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self.notices: list[str] = []
@@ -666,22 +665,15 @@ class Engine:
         count = min(count, idx.size)
         if measure == "hash":
             return [self._hash_candidates(idx, f, count, distance, near_only) for f in feats]
-        graph = measure
         if measure == "color" and distance == "layout":
-            hnsw, X, graph = idx.layout_hnsw, np.stack([f.layout for f in feats]).astype(np.float32), "layout"
+            graph, X = "layout", np.stack([f.layout for f in feats])
         elif measure == "color":
-            hnsw, X = idx.color_hnsw, np.sqrt(np.stack([f.hist for f in feats]).astype(np.float32))
+            graph, X = "color", np.sqrt(np.stack([f.hist for f in feats]).astype(np.float32))
             count = min(idx.size, count * (1 if distance == "hellinger" else 4))
         else:
-            hnsw, X = idx.embedding_hnsw, np.stack([f.emb for f in feats]).astype(np.float32)
+            graph, X = "embedding", np.stack([f.emb for f in feats])
         threads = min(len(feats), self.config.search_threads or os.cpu_count() or 1)
-        with self._hnsw_locks[graph]:  # expansion_search is a property of the shared graph: set and search together
-            hnsw.expansion_search = max(ef or self.config.hnsw_expansion_search, count)
-            matches = hnsw.search(X, count, threads=threads)
-        if not hasattr(matches, "counts"):  # one query vector: usearch answers with a single Matches
-            return [idx.rows(np.asarray(matches.keys, dtype=np.int64)[: len(matches)])]
-        keys = np.asarray(matches.keys, dtype=np.int64)
-        return [idx.rows(keys[i, : c]) for i, c in enumerate(np.asarray(matches.counts))]
+        return idx.knn(graph, X, count, ef or self.config.hnsw_expansion_search, threads)
 
     def _near_radius(self, cols: slice) -> int:
         """The radius in bits over the hash words ``cols`` within which the mix's hash finds its own candidates

@@ -129,8 +129,11 @@ def _index_lock(lake: Lake) -> Iterator[None]:
         yield
 
 
-def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> dict[str, Any]:
-    """Make the index of the lake's current snapshot (no-op if it exists; ``force``: again, from scratch); its meta."""
+def build_indexes(config: Config, *, force: bool = False, log: Any = None, processes: bool | None = None
+                  ) -> dict[str, Any]:
+    """Make the index of the lake's current snapshot (no-op if it exists with the shards asked for; ``force``:
+    again, from scratch); its meta. ``config.index_shards`` > 1 deals the images to that many shards
+    (``build_shards``; ``processes``: build them in parallel processes, default from the lake's size)."""
     from usearch.index import Index
 
     lake = Lake(config.lake)
@@ -140,7 +143,8 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
     with _index_lock(lake):
         prev = current_dir(lake)
         prev_meta = json.loads((prev / "meta.json").read_text()) if prev else None
-        if prev_meta and prev_meta["snapshot"] == manifest.snapshot and not force:
+        if prev_meta and prev_meta["snapshot"] == manifest.snapshot and not force and \
+                shard_count(config, prev_meta) == _shards_of(prev_meta):
             return prev_meta
         keep = prev.name if prev else ""
         if force:  # from scratch: a new whitening, every image augmented again, new graphs
@@ -228,30 +232,45 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None) -> di
 
         t1 = time.perf_counter()
         threads = os.cpu_count() or 1
-        reused = {}
-        graphs = [("embedding", emb, "cos", "f16", space.reusable), ("color", np.sqrt(color), "l2sq", "f32", True)]
+        graphs = [GraphSpec("embedding", "embeddings.npy", False, "cos", "f16", space.reusable),
+                  GraphSpec("color", "color.npy", True, "l2sq", "f32", True)]
         if layout_space is not None:
-            graphs.append(("layout", layout_space.vectors, "cos", "f16",
-                           layout_space.reusable and prev_meta is not None and LAYOUT_SPACE.meta_key in prev_meta))
-        built = {}
-        for name, vectors, metric, dtype, reusable in graphs:
-            index, reused[name] = _hnsw(Index, prev if reusable else None, prev_meta, manifest.model, name, ids,
-                                        vectors, metric, dtype, config, threads)
-            index.save(str(tmp / f"{name}.usearch"))
-            built[name] = index
+            graphs.append(GraphSpec("layout", LAYOUT_SPACE.vectors_file, False, "cos", "f16",
+                                    layout_space.reusable and prev_meta is not None and
+                                    LAYOUT_SPACE.meta_key in prev_meta))
+        n_shards = shard_count(config, prev_meta)
+        if n_shards == 1:
+            reused = {}
+            for g in graphs:
+                vectors = {"embedding": emb, "color": np.sqrt(color)}.get(g.name)
+                index, reused[g.name] = _hnsw(Index, prev if g.reusable else None, prev_meta, manifest.model, g.name,
+                                              ids, vectors if vectors is not None else layout_space.vectors,
+                                              g.metric, g.dtype, config, threads)
+                index.save(str(tmp / f"{g.name}.usearch"))
+                del index
+            shard_meta = None
+        else:
+            shard_meta = build_shards(tmp, prev, prev_meta, manifest.model, ids, graphs, config, n_shards,
+                                      processes=processes, log=log)
+            reused = shard_meta.pop("incremental")
         t_hnsw = time.perf_counter() - t1
         base = baselines(emb, color, hashes, layout_space.vectors if layout_space is not None else None)
         colour_name = "layout" if layout_space is not None else "color"
         colour_vectors = layout_space.vectors if layout_space is not None else np.sqrt(color)
-        agreement = colour_agreement(ids, emb, built["embedding"], colour_vectors, built[colour_name],
+        from imgrec.searchers import open_searcher
+
+        searcher = open_searcher(tmp)
+        agreement = colour_agreement(ids, emb, _Nearest(searcher, "embedding", config), colour_vectors,
+                                     _Nearest(searcher, colour_name, config),
                                      base.get("embedding", {}).get("cosine", 0.0), threads)
-        del built
+        del searcher
 
         meta = {
             "snapshot": manifest.snapshot, "count": int(len(ids)), "built_at": now().isoformat(),
             "model": manifest.model, "color_bins": list(manifest.color_bins),
             "hnsw": {"connectivity": config.hnsw_connectivity, "expansion_add": config.hnsw_expansion_add,
                      "incremental": reused},
+            **({"shards": shard_meta} if shard_meta else {}),
             "space": space.meta,
             **({LAYOUT_SPACE.meta_key: layout_space.meta} if layout_space is not None else {}),
             "baselines": base,
@@ -411,6 +430,128 @@ def _hnsw(Index: Any, prev: Path | None, prev_meta: dict | None, model: dict, na
     return index, False
 
 
+@dataclass(frozen=True)
+class GraphSpec:
+    """One HNSW graph of an index: its name, the per-row vectors file it is built from (square-rooted where
+    ``sqrt``: the colour histograms), usearch's metric and scalar type, and whether the previous index's graph holds
+    the same vectors for the images it had (then it is updated rather than rebuilt)."""
+
+    name: str
+    vectors_file: str
+    sqrt: bool
+    metric: str
+    dtype: str
+    reusable: bool
+
+
+SHARD_PROCESSES_MIN = 50_000  # smaller lakes build their shards one after another in this process (a spawned
+# worker costs about a second to start)
+
+
+def _shards_of(meta: dict[str, Any] | None) -> int:
+    return int(((meta or {}).get("shards") or {}).get("count", 1))
+
+
+def shard_count(config: Config, prev_meta: dict[str, Any] | None) -> int:
+    """The shards the index is to have: ``config.index_shards``, or (0) as many as the current index has."""
+    return max(1, int(config.index_shards)) if config.index_shards else _shards_of(prev_meta)
+
+
+class _Nearest:
+    """One graph of an index being built, searched like a usearch graph (for ``colour_agreement``)."""
+
+    def __init__(self, searcher: Any, graph: str, config: Config) -> None:
+        self.searcher, self.graph, self.ef = searcher, graph, config.hnsw_expansion_search
+
+    def search(self, X: np.ndarray, k: int, threads: int = 1) -> Any:
+        return self.searcher.knn(self.graph, np.asarray(X, dtype=np.float32), k, self.ef, threads)
+
+
+def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: dict, ids: np.ndarray,
+                 graphs: list[GraphSpec], config: Config, count: int, *, processes: bool | None = None,
+                 log: Any = None) -> dict[str, Any]:
+    """Deal the images to ``count`` shards (``imgrec.searchers.shard_of``) and build each shard's graphs into
+    ``tmp/shard-NNN/``, in parallel processes (``processes``; default: lakes of SHARD_PROCESSES_MIN images or more).
+    A shard whose images are those of the previous index's shard of the same number, with the same vectors, is
+    taken over as it is (hard links); one whose images changed is updated (gone ids removed, new ones added) or
+    built. Writes ``shards.json``; returns the meta's ``shards`` entry (with ``incremental``, per graph: whether
+    every shard was taken over or updated rather than built)."""
+    from imgrec.searchers import SHARDS_FILE, shard_name, shard_of
+
+    workers = min(count, os.cpu_count() or 1)
+    if processes is None:
+        processes = len(ids) >= SHARD_PROCESSES_MIN
+    same_layout = prev is not None and _shards_of(prev_meta) == count and (prev / SHARDS_FILE).is_file()
+    which = shard_of(ids, count)
+    tasks, kept = [], []
+    for i in range(count):
+        name = shard_name(i)
+        mine = ids[which == i]
+        (tmp / name).mkdir()
+        np.save(tmp / name / "ids.npy", mine)
+        old = prev / name if same_layout else None
+        if old is not None and all(g.reusable for g in graphs) and (old / "ids.npy").is_file() and \
+                np.array_equal(np.load(old / "ids.npy"), mine) and \
+                all((old / f"{g.name}.usearch").is_file() for g in graphs):
+            for g in graphs:
+                _link_or_copy(old / f"{g.name}.usearch", tmp / name / f"{g.name}.usearch")
+            kept.append(i)
+            continue
+        tasks.append((str(tmp), str(old) if old is not None else None, prev_meta, model, i, count, graphs, config,
+                      max(1, (os.cpu_count() or 1) // (workers if processes else 1))))
+    t0 = time.perf_counter()
+    if processes and len(tasks) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn")) as pool:
+            done = list(pool.map(_build_shard, tasks))
+    else:
+        done = [_build_shard(t) for t in tasks]
+    seconds = time.perf_counter() - t0
+    sizes = [int((which == i).sum()) for i in range(count)]
+    (tmp / SHARDS_FILE).write_text(json.dumps({
+        "count": count, "rule": "image_id % count",
+        "shards": [{"name": shard_name(i), "images": sizes[i]} for i in range(count)]}, indent=1))
+    if log and tasks:
+        log(f"imgrec: {len(tasks)} of {count} shards built in {seconds:.1f}s ({len(kept)} unchanged)")
+    rebuilt = [d["shard"] for d in done]
+    return {"count": count, "rule": "image_id % count", "images": sizes, "rebuilt": sorted(rebuilt),
+            "unchanged": kept, "parallel": bool(processes and len(tasks) > 1), "seconds": round(seconds, 3),
+            "incremental": {g.name: all(d["reused"][g.name] for d in done) for g in graphs}}
+
+
+def _build_shard(task: tuple) -> dict[str, Any]:
+    """One shard's graphs (a spawned process's work, or in-process for small lakes)."""
+    from usearch.index import Index
+
+    from imgrec.searchers import shard_name, shard_of
+
+    tmp_s, old_s, prev_meta, model, i, count, graphs, config, threads = task
+
+    tmp, old = Path(tmp_s), (Path(old_s) if old_s else None)
+    all_ids = np.load(tmp / "ids.npy", mmap_mode="r")
+    rows = np.flatnonzero(shard_of(np.asarray(all_ids), count) == i)
+    ids = np.asarray(all_ids[rows])
+    reused = {}
+    for g in graphs:
+        vectors = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
+        if g.sqrt:
+            vectors = np.sqrt(vectors)
+        index, reused[g.name] = _hnsw(Index, old if g.reusable else None, prev_meta, model, g.name, ids, vectors,
+                                      g.metric, g.dtype, config, threads)
+        index.save(str(tmp / shard_name(i) / f"{g.name}.usearch"))
+        del index
+    return {"shard": i, "reused": reused}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _drop_old(root: Path, keep: set[str]) -> None:
     for path in root.glob("snap-*"):
         if path.name not in keep and not path.name.endswith(".tmp"):
@@ -428,7 +569,7 @@ def _drop_old_remote(lake: Lake, keep: set[str]) -> None:
     snaps: dict[str, list[str]] = {}
     for e in entries:
         parts = e.path.split("/")
-        if len(parts) == 3 and parts[1].startswith("snap-"):
+        if len(parts) >= 3 and parts[1].startswith("snap-"):
             snaps.setdefault(parts[1], []).append(e.path)
     used: set[str] = set()
     for name, files in snaps.items():

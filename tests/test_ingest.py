@@ -208,7 +208,7 @@ def _read_everything(lake: Path, stop: threading.Event, errors: list[str], reads
                 idx = IndexSet.open(Lake(lake))
                 assert idx.embeddings.shape[0] == idx.color.shape[0] == idx.size
                 if idx.size:
-                    assert len(idx.embedding_hnsw) == idx.size
+                    assert idx.searcher.count("embedding") == idx.size
             except StaleIndex:
                 pass
             reads.append(m.snapshot)

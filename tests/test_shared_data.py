@@ -77,3 +77,32 @@ def test_ray_ingest_searches_exactly_like_local(flowers: tuple[Path, Engine], tm
     two = [sorted(classes[0].glob("*.jpg"))[1], sorted(classes[1].glob("*.jpg"))[1]]
     a, b = (e.search(two, "mix", k=5).results for e in (local, ray_engine))
     assert [r.path for r in a] == [r.path for r in b]
+
+
+def test_a_sharded_index_searches_like_one_graph(flowers: tuple[Path, Engine], tmp_path: Path) -> None:
+    """`imgrec index --shards 4` then `imgrec search` (a copy of the lake): the same images, order and scores as the
+    unsharded index, every measure, one photo and two."""
+    import json
+    import subprocess
+    import sys
+
+    folder, local = flowers
+    lake = tmp_path / "lake"
+    shutil.copytree(local.lake.root, lake)
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "imgrec.cli", *args], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert json.loads(cli("index", "--lake", str(lake), "--shards", "4"))["shards"]["count"] == 4
+    photos = sorted(folder.glob("*.jpg"))
+    for measure in ("color", "hash", "embedding", "mix"):
+        for queries in ([photos[2]], [photos[4], sorted(folder.parent.iterdir())[1] / "image_0090.jpg"]):
+            queries = [q for q in queries if q.is_file()]
+            got = json.loads(cli("search", *map(str, queries), "--lake", str(lake), "--measure", measure, "-k", "5",
+                                 "--json"))["results"]
+            want = local.search(queries, measure, k=5).results
+            assert [r["path"] for r in got] == [r.path for r in want], (measure, queries)
+            assert [r["score"] for r in got] == pytest.approx([r.score for r in want], abs=1e-5)
