@@ -8,9 +8,9 @@ per-row features: they mean the same whatever backend found the candidates.
 
 - ``LocalGraphs``: the snapshot's own graphs (one shard, the unsharded index).
 - ``ShardedGraphs``: ``shards.json`` names N shards, each holding a graph per measure over the images with
-  ``image_id % N == shard`` (``shard_of``); every shard is searched for every query, side by side on threads
-  (usearch releases the GIL), with the same ``count`` and search breadth as one graph would be, and the answers are
-  merged by distance: the merged top ``count`` is what one graph's would be wherever each shard's is exact.
+  ``shard_of(image_id, N) == shard`` (a hash of the id); every shard is searched for every query, side by side on threads
+  (usearch releases the GIL), for its share of the candidates with a margin (``per_shard``), and the answers are
+  merged by distance: the merged top is what one graph's would be wherever each shard's is exact.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ GRAPHS = ("embedding", "color", "layout")
 SHARDS_FILE = "shards.json"
 
 
+SHARD_RULE = "fibonacci hash of image_id, mod count"
+
+
 def shard_of(ids: NDArray[np.int64], count: int) -> NDArray[np.int64]:
-    """The shard of each image id: ``image_id % count`` (stable: an image stays in its shard for as long as the
-    index has ``count`` shards, so an incremental build touches only the shards whose images changed)."""
-    return np.asarray(ids, dtype=np.int64) % max(int(count), 1)
+    """The shard of each image id: a Fibonacci hash of the id (its top 32 bits), mod ``count``. Stable: an image
+    stays in its shard for as long as the index has ``count`` shards, so an incremental build touches only the
+    shards whose images changed. Hashed rather than ``id % count``: ids follow the walk's order, and any period in
+    it (a burst of shots, a camera's numbering) would put look-alikes in one shard."""
+    h = np.asarray(ids, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # wraps mod 2**64
+    return ((h >> np.uint64(32)) % np.uint64(max(int(count), 1))).astype(np.int64)
 
 
 def shard_name(i: int) -> str:
@@ -109,6 +115,22 @@ def merge(parts: list[Hits], count: int) -> Hits:
     return Hits(merged.keys[:, :count], merged.distances[:, :count])
 
 
+MIN_SHARD_EF = 64  # usearch's default breadth: the least a shard is searched with
+
+
+def per_shard(count: int, ef: int, shards: int) -> tuple[int, int]:
+    """(candidates, breadth) each of ``shards`` shards is searched with, for ``count`` merged candidates at breadth
+    ``ef``. Images are dealt to shards at random (by id), so a shard holds about count / shards of the true top
+    ``count``, give or take its standard deviation: each shard returns that share plus four deviations (at least
+    10), searched with the breadth scaled by the same ratio (at least MIN_SHARD_EF): the shards together do little
+    more work than one graph, not ``shards`` times as much. One shard: (count, ef)."""
+    if shards <= 1:
+        return count, ef
+    share = count / shards
+    c = min(count, max(10, int(np.ceil(share + 4 * np.sqrt(share)))))
+    return c, max(c, MIN_SHARD_EF, int(np.ceil(ef * c / max(count, 1))))
+
+
 def restore(path: Path) -> Any:
     """A saved usearch graph, memory-mapped (its pages are read as searches touch them)."""
     from usearch.index import Index
@@ -152,6 +174,7 @@ class ShardedGraphs:
 
     path: Path
     spec: dict[str, Any]
+    full: bool = False  # every shard searched for all ``count`` at breadth ``ef`` (else ``per_shard``'s share)
     _parts: list[LocalGraphs] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -177,7 +200,8 @@ class ShardedGraphs:
 
     def knn(self, graph: str, X: NDArray[np.float32], count: int, ef: int, threads: int) -> Hits:
         per = max(1, threads // self.shards)
-        parts = list(self._pool.map(lambda p: p.knn(graph, X, count, ef, per), self._parts))
+        c, e = (count, ef) if self.full else per_shard(count, ef, self.shards)
+        parts = list(self._pool.map(lambda p: p.knn(graph, X, c, e, per), self._parts))
         return merge(parts, count)
 
 

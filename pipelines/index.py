@@ -476,7 +476,7 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
     taken over as it is (hard links); one whose images changed is updated (gone ids removed, new ones added) or
     built. Writes ``shards.json``; returns the meta's ``shards`` entry (with ``incremental``, per graph: whether
     every shard was taken over or updated rather than built)."""
-    from imgrec.searchers import SHARDS_FILE, shard_name, shard_of
+    from imgrec.searchers import SHARD_RULE, SHARDS_FILE, shard_name, shard_of
 
     workers = min(count, os.cpu_count() or 1)
     if processes is None:
@@ -511,12 +511,12 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
     seconds = time.perf_counter() - t0
     sizes = [int((which == i).sum()) for i in range(count)]
     (tmp / SHARDS_FILE).write_text(json.dumps({
-        "count": count, "rule": "image_id % count",
+        "count": count, "rule": SHARD_RULE,
         "shards": [{"name": shard_name(i), "images": sizes[i]} for i in range(count)]}, indent=1))
     if log and tasks:
         log(f"imgrec: {len(tasks)} of {count} shards built in {seconds:.1f}s ({len(kept)} unchanged)")
     rebuilt = [d["shard"] for d in done]
-    return {"count": count, "rule": "image_id % count", "images": sizes, "rebuilt": sorted(rebuilt),
+    return {"count": count, "rule": SHARD_RULE, "images": sizes, "rebuilt": sorted(rebuilt),
             "unchanged": kept, "parallel": bool(processes and len(tasks) > 1), "seconds": round(seconds, 3),
             "incremental": {g.name: all(d["reused"][g.name] for d in done) for g in graphs}}
 

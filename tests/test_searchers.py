@@ -102,8 +102,8 @@ def test_graph_searches_keep_their_recall_across_shards(lakes: dict[str, Path], 
     mean = {key: float(np.mean(v)) for key, v in recall.items()}
     # one image: the graphs' own recall; five, or negatives: the best of the combined score can be in no image's
     # candidates, with one graph as with shards (docs/performance.md), so the shards must only not lose any
-    assert mean[("four", 1)] >= 0.99 and min(mean[("four", n)] for n in (5, -1, -5)) >= 0.9, mean
-    assert all(mean[("four", n)] >= mean[("one", n)] - 0.01 for n in (1, 5, -1, -5)), mean
+    assert mean[("four", 1)] >= 0.99 and min(mean[("four", n)] for n in (5, -1, -5)) >= 0.9, str(mean)
+    assert all(mean[("four", n)] >= mean[("one", n)] - 0.01 for n in (1, 5, -1, -5)), str(mean)
 
     # a range query: every image scoring at least the 10th best's score, by both
     q = [int(rng.integers(N))]
@@ -140,20 +140,22 @@ def test_an_incremental_build_rebuilds_only_the_shards_that_changed(tmp_path: Pa
     out = _cli("index", "--lake", str(lake), "--shards", "4")
     assert out.returncode == 0, out.stderr
     first = json.loads(out.stdout)["shards"]
-    assert first["count"] == 4 and first["images"] == [3, 3, 3, 3] and first["rebuilt"] == [0, 1, 2, 3]
+    assert first["count"] == 4 and first["rebuilt"] == [0, 1, 2, 3]
+    assert first["images"] == np.bincount(shard_of(np.arange(12), 4), minlength=4).tolist()
     before = current_dir(Lake(lake))
     inodes = {p.relative_to(before): p.stat().st_ino for p in before.glob("shard-*/*.usearch")}
 
-    gone = Engine(Config.load(lake)).lookup_paths([str(paths[5])])[str(paths[5])]  # its shard: gone % 4
+    gone = Engine(Config.load(lake)).lookup_paths([str(paths[5])])[str(paths[5])]
+    gone = int(shard_of(np.array([gone]), 4)[0])  # the shard of the image removed
     paths[5].unlink()
     ingest_quietly(root, lake)  # the index follows with the lake's 4 shards
     meta = IndexSet.open(Lake(lake)).meta["shards"]
-    assert meta["count"] == 4 and meta["rebuilt"] == [gone % 4]
-    assert sorted(meta["unchanged"]) == sorted({0, 1, 2, 3} - {gone % 4})
+    assert meta["count"] == 4 and meta["rebuilt"] == [gone]
+    assert sorted(meta["unchanged"]) == sorted({0, 1, 2, 3} - {gone})
     after = current_dir(Lake(lake))
     for rel, ino in inodes.items():
         same = (after / rel).stat().st_ino == ino  # taken over as it was (a hard link), or rebuilt
-        assert same == (int(rel.parts[0][-3:]) != gone % 4), rel
+        assert same == (int(rel.parts[0][-3:]) != gone), rel
 
     # the same results as a from-scratch build of the same shards, and as one graph
     upload = jpeg_bytes(synthetic_image(77))
@@ -175,7 +177,7 @@ def test_more_shards_than_images(tmp_path: Path) -> None:
     make_collection(root, 2)
     ingest_quietly(root, lake, index_shards=5)
     e = Engine(Config.load(lake))
-    assert e.index.meta["shards"]["images"] == [1, 1, 0, 0, 0]
+    assert e.index.meta["shards"]["images"] == np.bincount(shard_of(np.arange(2), 5), minlength=5).tolist()
     for m in MEASURES:
         assert sorted(_ids(e.search([0], m, 5))) == [0, 1]
 
