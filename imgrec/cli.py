@@ -34,10 +34,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return 130 if report.interrupted else 0
     report = ingest(args.roots, cfg, progress=not args.quiet and sys.stderr.isatty() or args.progress,
                     build_index=not args.no_index)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=1))
+    if args.json:  # flushed now: a Ray driver's exit has been seen to drop what stdout still buffered
+        print(json.dumps(report.to_json(), indent=1), flush=True)
     else:
-        print(report.summary())
+        print(report.summary(), flush=True)
     return 130 if report.interrupted else 0
 
 
