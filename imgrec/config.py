@@ -91,9 +91,9 @@ class Config:
     # at 256, 3.5x faster)
     candidates: int = 128  # per query image and measure, before the exact re-rank
     hnsw_connectivity: int = 16
-    index_shards: int = 0  # graphs dealt to this many shards (imgrec.searchers); 0: as the current index (1 if none)
     hnsw_expansion_add: int = 64  # 100k images: recall@10 0.992 (128: 0.999) for half the build time
     hnsw_expansion_search: int = 256
+    index_shards: int = 0  # graphs dealt to this many shards (imgrec.searchers); 0: as the current index (1 if none)
     search_threads: int = 0  # threads for a batch of graph searches (several query images; 0: every core)
     exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
     mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.05), ("hash", 0.3))  # relevance.md

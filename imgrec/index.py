@@ -269,7 +269,7 @@ class IndexSet:
 
     def knn(self, graph: str, X: NDArray[np.floating], count: int, ef: int, threads: int) -> list[NDArray[np.int64]]:
         """Per row of ``X``, the rows of its ``count`` nearest images in ``graph`` (best first)."""
-        hits = self.searcher.knn(graph, np.asarray(X, dtype=np.float32), min(count, self.size), ef, threads)
+        hits = self.searcher.knn(graph, np.asarray(X, dtype=np.float32), count, ef, threads)
         return [self.rows(k) for k in hits.lists()]
 
     def radius_index(self, cols: slice, radius: int, *, now: bool = False, wait: bool = False

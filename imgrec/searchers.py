@@ -98,7 +98,7 @@ def _search(index: Any, lock: threading.Lock, X: NDArray[np.float32], count: int
     w = k.shape[1]
     keys[:, :w] = np.where(valid, k, -1)
     dist[:, :w] = np.where(valid, d, np.inf)
-    return keys_sorted(Hits(keys, dist))
+    return Hits(keys, dist)  # usearch answers nearest first
 
 
 def keys_sorted(h: Hits) -> Hits:
@@ -153,6 +153,8 @@ class LocalGraphs:
         return (self.path / f"{graph}.usearch").is_file()
 
     def graph(self, graph: str) -> Any:
+        if graph in self._open:  # every search: no lock once open
+            return self._open[graph]
         with self._open_lock:
             if graph not in self._open:
                 self._open[graph] = restore(self.path / f"{graph}.usearch")

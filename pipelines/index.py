@@ -88,12 +88,12 @@ def baselines(emb: np.ndarray, color: np.ndarray, hashes: np.ndarray, layout: np
     return out
 
 
-def colour_agreement(ids: np.ndarray, emb: np.ndarray, emb_graph: Any, colour: np.ndarray, colour_graph: Any,
-                     emb_baseline: float, threads: int, sample: int = 1000, k: int = 10, seed: int = 0
+def colour_agreement(ids: np.ndarray, emb: np.ndarray, searcher: Any, colour: np.ndarray, colour_graph: str,
+                     emb_baseline: float, threads: int, ef: int, sample: int = 1000, k: int = 10, seed: int = 0
                      ) -> dict[str, Any]:
     """How much the colour measure's nearest images agree with the embedding's on this collection
-    (``similarity.colour_agreement`` over a seeded sample, neighbours from the graphs just built): what the gated
-    mix scales colour's weight by."""
+    (``similarity.colour_agreement`` over a seeded sample, neighbours from the graphs just built, through their
+    ``imgrec.searchers`` backend): what the gated mix scales colour's weight by."""
     n = len(ids)
     if n <= k + 1:
         return {"value": None, "sample": 0, "k": k}
@@ -101,9 +101,8 @@ def colour_agreement(ids: np.ndarray, emb: np.ndarray, emb_graph: Any, colour: n
     rows = np.sort(rng.choice(n, min(sample, n), replace=False))
     E = np.asarray(emb, dtype=np.float32)
 
-    def nearest(graph: Any, X: np.ndarray) -> np.ndarray:
-        found = graph.search(np.ascontiguousarray(X, dtype=np.float32), k + 1, threads=threads)
-        keys = np.asarray(found.keys, dtype=np.int64).reshape(len(rows), -1)
+    def nearest(graph: str, X: np.ndarray) -> np.ndarray:
+        keys = searcher.knn(graph, np.asarray(X, dtype=np.float32), k + 1, ef, threads).keys
         pos = np.clip(np.searchsorted(ids, keys), 0, n - 1)
         pos[(keys < 0) | (ids[pos] != keys)] = -1
         return pos
@@ -117,7 +116,7 @@ def colour_agreement(ids: np.ndarray, emb: np.ndarray, emb_graph: Any, colour: n
                 out[i, : cand.size] = s
         return out
 
-    value = sim.colour_agreement(emb_sims(nearest(colour_graph, colour[rows])), emb_sims(nearest(emb_graph, E[rows])))
+    value = sim.colour_agreement(emb_sims(nearest(colour_graph, colour[rows])), emb_sims(nearest("embedding", E[rows])))
     return {"value": round(value, 4), "sample": int(len(rows)), "k": k}
 
 
@@ -134,7 +133,6 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None, proce
     """Make the index of the lake's current snapshot (no-op if it exists with the shards asked for; ``force``:
     again, from scratch); its meta. ``config.index_shards`` > 1 deals the images to that many shards
     (``build_shards``; ``processes``: build them in parallel processes, default from the lake's size)."""
-    from usearch.index import Index
 
     lake = Lake(config.lake)
     manifest = lake.manifest()
@@ -240,14 +238,10 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None, proce
                                     LAYOUT_SPACE.meta_key in prev_meta))
         n_shards = shard_count(config, prev_meta)
         if n_shards == 1:
-            reused = {}
-            for g in graphs:
-                vectors = {"embedding": emb, "color": np.sqrt(color)}.get(g.name)
-                index, reused[g.name] = _hnsw(Index, prev if g.reusable else None, prev_meta, manifest.model, g.name,
-                                              ids, vectors if vectors is not None else layout_space.vectors,
-                                              g.metric, g.dtype, config, threads)
-                index.save(str(tmp / f"{g.name}.usearch"))
-                del index
+            in_memory = {"embedding": lambda: emb, "color": lambda: np.sqrt(color),
+                         "layout": lambda: layout_space.vectors}
+            reused = _save_graphs(tmp, prev, prev_meta, manifest.model, ids, graphs, lambda g: in_memory[g.name](),
+                                  config, threads)
             shard_meta = None
         else:
             shard_meta = build_shards(tmp, prev, prev_meta, manifest.model, ids, graphs, config, n_shards,
@@ -259,11 +253,8 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None, proce
         colour_vectors = layout_space.vectors if layout_space is not None else np.sqrt(color)
         from imgrec.searchers import open_searcher
 
-        searcher = open_searcher(tmp)
-        agreement = colour_agreement(ids, emb, _Nearest(searcher, "embedding", config), colour_vectors,
-                                     _Nearest(searcher, colour_name, config),
-                                     base.get("embedding", {}).get("cosine", 0.0), threads)
-        del searcher
+        agreement = colour_agreement(ids, emb, open_searcher(tmp), colour_vectors, colour_name,
+                                     base.get("embedding", {}).get("cosine", 0.0), threads, config.hnsw_expansion_search)
 
         meta = {
             "snapshot": manifest.snapshot, "count": int(len(ids)), "built_at": now().isoformat(),
@@ -457,16 +448,6 @@ def shard_count(config: Config, prev_meta: dict[str, Any] | None) -> int:
     return max(1, int(config.index_shards)) if config.index_shards else _shards_of(prev_meta)
 
 
-class _Nearest:
-    """One graph of an index being built, searched like a usearch graph (for ``colour_agreement``)."""
-
-    def __init__(self, searcher: Any, graph: str, config: Config) -> None:
-        self.searcher, self.graph, self.ef = searcher, graph, config.hnsw_expansion_search
-
-    def search(self, X: np.ndarray, k: int, threads: int = 1) -> Any:
-        return self.searcher.knn(self.graph, np.asarray(X, dtype=np.float32), k, self.ef, threads)
-
-
 def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: dict, ids: np.ndarray,
                  graphs: list[GraphSpec], config: Config, count: int, *, processes: bool | None = None,
                  log: Any = None) -> dict[str, Any]:
@@ -523,8 +504,6 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
 
 def _build_shard(task: tuple) -> dict[str, Any]:
     """One shard's graphs (a spawned process's work, or in-process for small lakes)."""
-    from usearch.index import Index
-
     from imgrec.searchers import shard_name, shard_of
 
     tmp_s, old_s, prev_meta, model, i, count, graphs, config, threads = task
@@ -532,17 +511,29 @@ def _build_shard(task: tuple) -> dict[str, Any]:
     tmp, old = Path(tmp_s), (Path(old_s) if old_s else None)
     all_ids = np.load(tmp / "ids.npy", mmap_mode="r")
     rows = np.flatnonzero(shard_of(np.asarray(all_ids), count) == i)
-    ids = np.asarray(all_ids[rows])
+
+    def vectors(g: GraphSpec) -> np.ndarray:
+        v = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
+        return np.sqrt(v) if g.sqrt else v
+
+    reused = _save_graphs(tmp / shard_name(i), old, prev_meta, model, np.asarray(all_ids[rows]), graphs, vectors,
+                          config, threads)
+    return {"shard": i, "reused": reused}
+
+
+def _save_graphs(dest: Path, prev: Path | None, prev_meta: dict | None, model: dict, ids: np.ndarray,
+                 graphs: list[GraphSpec], vectors: Any, config: Config, threads: int) -> dict[str, bool]:
+    """Each graph of ``graphs`` over ``ids`` (``vectors(spec)``: their vectors) into ``dest/<name>.usearch``,
+    updated from ``prev``'s where reusable (``_hnsw``); per graph, whether it was."""
+    from usearch.index import Index
+
     reused = {}
     for g in graphs:
-        vectors = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
-        if g.sqrt:
-            vectors = np.sqrt(vectors)
-        index, reused[g.name] = _hnsw(Index, old if g.reusable else None, prev_meta, model, g.name, ids, vectors,
-                                      g.metric, g.dtype, config, threads)
-        index.save(str(tmp / shard_name(i) / f"{g.name}.usearch"))
+        index, reused[g.name] = _hnsw(Index, prev if g.reusable else None, prev_meta, model, g.name, ids,
+                                      vectors(g), g.metric, g.dtype, config, threads)
+        index.save(str(dest / f"{g.name}.usearch"))
         del index
-    return {"shard": i, "reused": reused}
+    return reused
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
