@@ -240,13 +240,13 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None, proce
         if n_shards == 1:
             in_memory = {"embedding": lambda: emb, "color": lambda: np.sqrt(color),
                          "layout": lambda: layout_space.vectors}
-            reused = _save_graphs(tmp, prev, prev_meta, manifest.model, ids, graphs, lambda g: in_memory[g.name](),
-                                  config, threads)
+            reused, relinked = _save_graphs(tmp, prev, prev_meta, manifest.model, ids, graphs,
+                                            lambda g: in_memory[g.name](), config, threads)
             shard_meta = None
         else:
             shard_meta = build_shards(tmp, prev, prev_meta, manifest.model, ids, graphs, config, n_shards,
                                       processes=processes, log=log)
-            reused = shard_meta.pop("incremental")
+            reused, relinked = shard_meta.pop("incremental"), shard_meta.pop("relinked")
         t_hnsw = time.perf_counter() - t1
         base = baselines(emb, color, hashes, layout_space.vectors if layout_space is not None else None)
         colour_name = "layout" if layout_space is not None else "color"
@@ -260,7 +260,7 @@ def build_indexes(config: Config, *, force: bool = False, log: Any = None, proce
             "snapshot": manifest.snapshot, "count": int(len(ids)), "built_at": now().isoformat(),
             "model": manifest.model, "color_bins": list(manifest.color_bins),
             "hnsw": {"connectivity": config.hnsw_connectivity, "expansion_add": config.hnsw_expansion_add,
-                     "incremental": reused},
+                     "incremental": reused, "relinked": relinked},
             **({"shards": shard_meta} if shard_meta else {}),
             "space": space.meta,
             **({LAYOUT_SPACE.meta_key: layout_space.meta} if layout_space is not None else {}),
@@ -397,28 +397,72 @@ def _neighbours(V: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.nda
     return nn
 
 
+RELINK_NARROW_EF = 8  # breadth of the first search by which each added image looks for itself (_relink_unreached)
+RELINK_WIDE_EF = 64  # breadth of the second, for those the first did not find
+RELINK_K = 2  # found among its own this many nearest: reached (2: an exact copy may come first)
+
+
+def _not_found(index: Any, keys: np.ndarray, vectors: np.ndarray, ef: int, k: int, threads: int) -> np.ndarray:
+    """Which of ``keys`` a search for its own vector (breadth ``ef``) does not return among the ``k`` nearest."""
+    index.expansion_search = ef
+    found = np.asarray(index.search(vectors, min(k, len(index)), threads=max(threads, 1)).keys)
+    return ~(found.reshape(len(keys), -1).astype(np.uint64, copy=False) == keys[:, None]).any(axis=1)
+
+
+def _relink_unreached(index: Any, keys: np.ndarray, vectors: np.ndarray, threads: int, rounds: int = 2) -> int:
+    """Add again, on one thread, the images ``keys`` a search of the graph does not reach; how many were.
+
+    usearch's concurrent ``add`` can leave a node stored but linked to by no other (unum-cloud/USearch#735: one to
+    four of 240 photos on two threads, which no search ever returned). Each added image searches for itself, narrowly
+    (RELINK_NARROW_EF, nearest only), then those not found more widely (RELINK_WIDE_EF): an unreachable node can
+    never come back, so every one is among those left, with a few the graph holds badly. They are removed and added
+    again one by one, where nothing races, once the rest of the graph is there."""
+    done = 0
+    if len(keys) == 0:
+        return 0
+    suspects = np.flatnonzero(_not_found(index, keys, vectors, RELINK_NARROW_EF, 1, threads))
+    for _ in range(rounds):
+        if suspects.size == 0:
+            break
+        lost = suspects[_not_found(index, keys[suspects], vectors[suspects], RELINK_WIDE_EF, RELINK_K, threads)]
+        if lost.size == 0:
+            break
+        index.remove(keys[lost])
+        index.add(keys[lost], vectors[lost], threads=1)
+        done += int(lost.size)
+        suspects = lost
+    return done
+
+
 def _hnsw(Index: Any, prev: Path | None, prev_meta: dict | None, model: dict, name: str, ids: np.ndarray,
-          vectors: np.ndarray, metric: str, dtype: str, config: Config, threads: int) -> tuple[Any, bool]:
-    """Update the previous graph when there is one (remove gone ids, add new ones), else build from scratch."""
+          vectors: np.ndarray, metric: str, dtype: str, config: Config, threads: int) -> tuple[Any, bool, int]:
+    """Update the previous graph when there is one (remove gone ids, add new ones), else build from scratch; then
+    relink the added images no search reaches. (graph, whether updated, images relinked)."""
     ndim = vectors.shape[1]
+    index, added = None, np.ones(len(ids), dtype=bool)
     if prev is not None and prev_meta and (prev / f"{name}.usearch").is_file() and \
             prev_meta["model"] == model and len(ids):
         old_ids = np.load(prev / "ids.npy")
         if old_ids.size and np.isin(ids, old_ids).mean() > 0.5:
             index = Index.restore(str(prev / f"{name}.usearch"))
-            if index.ndim == ndim:
+            if index.ndim != ndim:
+                index = None
+            else:
                 gone = np.setdiff1d(old_ids, ids, assume_unique=True)
                 if gone.size:
                     index.remove(gone.astype(np.uint64))
-                new = ~np.isin(ids, old_ids, assume_unique=True)
-                if new.any():
-                    index.add(ids[new].astype(np.uint64), vectors[new], threads=threads)
-                return index, True
-    index = Index(ndim=ndim, metric=metric, dtype=dtype, connectivity=config.hnsw_connectivity,
-                  expansion_add=config.hnsw_expansion_add, expansion_search=config.hnsw_expansion_search)
-    if len(ids):
-        index.add(ids.astype(np.uint64), vectors, threads=threads)
-    return index, False
+                added = ~np.isin(ids, old_ids, assume_unique=True)
+    reused = index is not None
+    if index is None:
+        index = Index(ndim=ndim, metric=metric, dtype=dtype, connectivity=config.hnsw_connectivity,
+                      expansion_add=config.hnsw_expansion_add, expansion_search=config.hnsw_expansion_search)
+    relinked = 0
+    if added.any():
+        keys, vecs = ids[added].astype(np.uint64), np.asarray(vectors[added])
+        index.add(keys, vecs, threads=threads)
+        relinked = _relink_unreached(index, keys, vecs, threads)
+        index.expansion_search = config.hnsw_expansion_search
+    return index, reused, relinked
 
 
 @dataclass(frozen=True)
@@ -456,7 +500,7 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
     A shard whose images are those of the previous index's shard of the same number, with the same vectors, is
     taken over as it is (hard links); one whose images changed is updated (gone ids removed, new ones added) or
     built. Writes ``shards.json``; returns the meta's ``shards`` entry (with ``incremental``, per graph: whether
-    every shard was taken over or updated rather than built)."""
+    every shard was taken over or updated rather than built, and ``relinked``: images added again, ``_hnsw``)."""
     from imgrec.searchers import SHARD_RULE, SHARDS_FILE, shard_name, shard_of
 
     workers = min(count, os.cpu_count() or 1)
@@ -499,7 +543,8 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
     rebuilt = [d["shard"] for d in done]
     return {"count": count, "rule": SHARD_RULE, "images": sizes, "rebuilt": sorted(rebuilt),
             "unchanged": kept, "parallel": bool(processes and len(tasks) > 1), "seconds": round(seconds, 3),
-            "incremental": {g.name: all(d["reused"][g.name] for d in done) for g in graphs}}
+            "incremental": {g.name: all(d["reused"][g.name] for d in done) for g in graphs},
+            "relinked": {g.name: sum(d["relinked"][g.name] for d in done) for g in graphs}}
 
 
 def _build_shard(task: tuple) -> dict[str, Any]:
@@ -516,24 +561,25 @@ def _build_shard(task: tuple) -> dict[str, Any]:
         v = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
         return np.sqrt(v) if g.sqrt else v
 
-    reused = _save_graphs(tmp / shard_name(i), old, prev_meta, model, np.asarray(all_ids[rows]), graphs, vectors,
-                          config, threads)
-    return {"shard": i, "reused": reused}
+    reused, relinked = _save_graphs(tmp / shard_name(i), old, prev_meta, model, np.asarray(all_ids[rows]), graphs,
+                                    vectors, config, threads)
+    return {"shard": i, "reused": reused, "relinked": relinked}
 
 
 def _save_graphs(dest: Path, prev: Path | None, prev_meta: dict | None, model: dict, ids: np.ndarray,
-                 graphs: list[GraphSpec], vectors: Any, config: Config, threads: int) -> dict[str, bool]:
+                 graphs: list[GraphSpec], vectors: Any, config: Config, threads: int
+                 ) -> tuple[dict[str, bool], dict[str, int]]:
     """Each graph of ``graphs`` over ``ids`` (``vectors(spec)``: their vectors) into ``dest/<name>.usearch``,
-    updated from ``prev``'s where reusable (``_hnsw``); per graph, whether it was."""
+    updated from ``prev``'s where reusable (``_hnsw``); per graph, whether it was, and the images relinked."""
     from usearch.index import Index
 
-    reused = {}
+    reused, relinked = {}, {}
     for g in graphs:
-        index, reused[g.name] = _hnsw(Index, prev if g.reusable else None, prev_meta, model, g.name, ids,
-                                      vectors(g), g.metric, g.dtype, config, threads)
+        index, reused[g.name], relinked[g.name] = _hnsw(Index, prev if g.reusable else None, prev_meta, model,
+                                                        g.name, ids, vectors(g), g.metric, g.dtype, config, threads)
         index.save(str(dest / f"{g.name}.usearch"))
         del index
-    return reused
+    return reused, relinked
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

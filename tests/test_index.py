@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from conftest import ingest_quietly, make_collection
 
@@ -97,3 +99,62 @@ def test_a_rebuild_keeps_the_store_whole(tmp_path: Path, force: bool) -> None:
     idx = IndexSet.open(Lake(lake))
     assert idx.thumbnails(idx.ids.tolist()) == _lake_thumbs(lake)
     assert {p.name for p in (lake / "indexes" / "thumbs").glob("*.bin")} >= set(_segments(lake))
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, 64))
+    return (centres[rng.integers(0, 12, n)] + 0.3 * rng.normal(size=(n, 64))).astype(np.float32)
+
+
+def _never_found(index: Any, vectors: np.ndarray, ids: np.ndarray) -> set[int]:
+    """The images no search returns: every image searched for with a breadth over the whole graph."""
+    index.expansion_search = len(ids)
+    keys = np.asarray(index.search(vectors, 16, threads=2).keys)
+    return set(ids.tolist()) - set(keys[keys < 2**63].tolist())
+
+
+def test_every_image_of_a_graph_built_on_threads_is_found() -> None:
+    """usearch's concurrent add leaves some nodes no search reaches (two threads, 240 clustered vectors: most
+    builds); the build adds those again, so that every image, built or added by an update, can be found."""
+    from usearch.index import Index
+
+    from pipelines.index import _hnsw
+
+    config = Config.load("unused")
+    vectors, ids = _clustered(320, 0), np.arange(320, dtype=np.int64) * 7 + 3
+    for trial in range(8):
+        index, reused, relinked = _hnsw(Index, None, None, {}, "layout", ids[:240], vectors[:240], "cos", "f16",
+                                        config, 2)
+        assert not reused and 0 <= relinked < 24
+        assert index.expansion_search == config.hnsw_expansion_search
+        assert _never_found(index, vectors[:240], ids[:240]) == set(), trial
+
+
+def test_an_updated_graph_finds_every_image(tmp_path: Path) -> None:
+    from usearch.index import Index
+
+    from pipelines.index import _hnsw
+
+    config = Config.load("unused")
+    vectors, ids = _clustered(480, 1), np.arange(480, dtype=np.int64) * 5 + 1
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    for trial in range(4):
+        first, _, _ = _hnsw(Index, None, None, {}, "layout", ids[:240], vectors[:240], "cos", "f16", config, 2)
+        first.save(str(prev / "layout.usearch"))
+        np.save(prev / "ids.npy", ids[:240])
+        keep = np.r_[np.arange(10, 240), np.arange(240, 400)]  # ten gone, 160 new
+        index, reused, _ = _hnsw(Index, prev, {"model": {}}, {}, "layout", ids[keep], vectors[keep], "cos", "f16",
+                                 config, 2)
+        assert reused and len(index) == keep.size
+        assert _never_found(index, vectors[keep], ids[keep]) == set(), trial
+
+
+def test_the_index_meta_says_how_many_images_were_relinked(tmp_path: Path) -> None:
+    root, lake = tmp_path / "photos", tmp_path / "lake"
+    make_collection(root, 4)
+    ingest_quietly(root, lake)
+    meta = json.loads((current_dir(Lake(lake)) / "meta.json").read_text())
+    assert set(meta["hnsw"]["relinked"]) >= {"embedding", "color"}
+    assert all(isinstance(n, int) and n >= 0 for n in meta["hnsw"]["relinked"].values())
