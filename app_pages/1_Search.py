@@ -406,6 +406,8 @@ def _show_result(status: ui.LakeStatus, state: dict[str, Any], shown_above: list
     legend = " · :blue[■] embedding :orange[■] color :green[■] hash: what each contributed to the score" \
         if resp.measure == "mix" else ""  # the colours of ui.MEASURE_COLORS, by name
     st.caption(f"stages: {ui.format_timings(resp.timings_ms)}{legend}")
+    if resp.missing:  # a served shard did not answer: these results are from the rest
+        st.warning("Part of the collection was not searched: " + "; ".join(resp.missing))
     if not resp.results:
         st.info("No image of the lake matches (all were excluded or filtered out, or none reaches the threshold).")
         return

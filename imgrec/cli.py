@@ -92,10 +92,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_shards(args: argparse.Namespace) -> int:
+    from imgrec import shard_actors
+    from imgrec.lake import Lake
+
+    lake = Lake(_config(args).lake)
+    if args.stop:
+        shard_actors.connect(args.address)
+        print(json.dumps({"stopped": shard_actors.stop(lake)}))
+        return 0
+    out = shard_actors.serve(lake, args.address)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from imgrec.search import Engine
 
-    cfg = _config(args, device=args.device)
+    cfg = _config(args, device=args.device, shard_address=args.shard_address)
     engine = Engine(cfg)
     resp = engine.search(
         args.images, measure=args.measure, k=args.k, distance=args.distance, threshold=args.threshold,
@@ -107,6 +121,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                           for r in out["results"]]
         print(json.dumps(out, indent=1))
         return 0
+    for part in resp.missing:
+        print(f"imgrec: warning: not searched: {part}", file=sys.stderr)
     print(f"{resp.measure} ({resp.distance}), {len(resp.results)} results from {resp.candidates} candidates, "
           f"{resp.timings_ms['total']:.1f} ms")
     for r in resp.results:
@@ -349,8 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--folder", action="append", help="only this folder and its sub-folders (repeatable)")
     sp.add_argument("--exclude-query", action="store_true", help="leave the query images out of the results")
     sp.add_argument("--device", help="auto, cpu or cuda")
+    sp.add_argument("--shard-address", help="search the index's shards through the Ray cluster at this address "
+                                            "(imgrec serve-shards; default: $IMGREC_SHARD_ADDRESS, else here)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("serve-shards", help="keep the index's shards resident in Ray actors on a cluster's nodes "
+                                             "(searched by engines with --shard-address / $IMGREC_SHARD_ADDRESS)")
+    lake_arg(sp)
+    sp.add_argument("--address", required=True, help="the Ray cluster (HOST:PORT, or auto)")
+    sp.add_argument("--stop", action="store_true", help="stop the lake's shard servers instead")
+    sp.set_defaults(func=cmd_serve_shards)
 
     sp = sub.add_parser("eval", help="retrieval quality on a labelled set (labels.csv: path, class_id)")
     sp.add_argument("dataset", metavar="DATASET_DIR", nargs="+",

@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", 
 
 
 CACHE_ENV = "IMGREC_CACHE"
+SHARD_ADDRESS_ENV = "IMGREC_SHARD_ADDRESS"
 
 
 def cache_dir() -> Path:
@@ -94,6 +95,9 @@ class Config:
     hnsw_expansion_add: int = 64  # 100k images: recall@10 0.992 (128: 0.999) for half the build time
     hnsw_expansion_search: int = 256
     index_shards: int = 0  # graphs dealt to this many shards (imgrec.searchers); 0: as the current index (1 if none)
+    shard_address: str = field(default_factory=lambda: os.environ.get(SHARD_ADDRESS_ENV, ""))  # a Ray cluster
+    # whose actors serve the index's shards (imgrec.shard_actors; started there if absent); empty: this process
+    shard_timeout_s: float = 10.0  # a served shard not answering within this is left out, and the result says so
     search_threads: int = 0  # threads for a batch of graph searches (several query images; 0: every core)
     exact_filter_limit: int = 200_000  # filtered searches over at most this many images are exact scans
     mix_weights: tuple[tuple[str, float], ...] = (("embedding", 0.85), ("color", 0.05), ("hash", 0.3))  # relevance.md

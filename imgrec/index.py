@@ -267,6 +267,13 @@ class IndexSet:
 
         return open_searcher(self.path)
 
+    def serve_from(self, lake: Lake, address: str, timeout_s: float) -> None:
+        """Search the shards through the actors serving them on the Ray cluster at ``address``
+        (``imgrec.shard_actors``), started there if absent."""
+        from imgrec.shard_actors import RayShards
+
+        self.__dict__["searcher"] = RayShards(lake, self.path, address, timeout_s)
+
     def knn(self, graph: str, X: NDArray[np.floating], count: int, ef: int, threads: int) -> list[NDArray[np.int64]]:
         """Per row of ``X``, the rows of its ``count`` nearest images in ``graph`` (best first)."""
         hits = self.searcher.knn(graph, np.asarray(X, dtype=np.float32), count, ef, threads)

@@ -8,6 +8,7 @@ candidates to every query image, normalised and fused for mix, aggregated over q
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
@@ -117,12 +118,19 @@ class SearchResponse:
     negatives: list[str] = field(default_factory=list)
     query_hists: list[NDArray[np.float32]] = field(default_factory=list, repr=False)  # colour of each query image
     query_id: int = 0  # its entry in Engine.history()
+    missing: list[str] = field(default_factory=list)  # parts of the collection not searched (a served shard that
+    # did not answer in time): the results are from the rest of it
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "results": [r.to_json() for r in self.results], "timings_ms": self.timings_ms,
             "measure": self.measure, "distance": self.distance, "k": self.k, "candidates": self.candidates,
             "snapshot": self.snapshot, "queries": self.queries, "negatives": self.negatives,
+            "missing": self.missing,
         }
 
 
@@ -190,6 +198,13 @@ class Engine:
                     build_indexes(self.config)
                     index = IndexSet.open(self.lake, expect_snapshot=snap)
             t.lap("index_open")
+            if index is not None and self.config.shard_address:
+                if index.searcher.shards > 1:
+                    index.serve_from(self.lake, self.config.shard_address, self.config.shard_timeout_s)
+                else:
+                    self.notice("the index has one shard: searched in this process, not on the Ray cluster "
+                                "(imgrec index --shards N, then imgrec serve-shards)")
+                t.lap("shards_connect")
             # the DuckDB connection of this snapshot opens at its first use (``conn``): a search answered from the
             # index (a new photo, an id) needs none
             self._manifest, self._snapshot, self._conn, self.index = manifest, snap, None, index
@@ -439,12 +454,16 @@ class Engine:
         evaluations that rank thousands of images). ``expand`` (default: on where the lake's embedding space is
         tuned, see ``Config.expand_k``) replaces each embedding query by its alpha query expansion.
         """
-        with one_blas_thread():
-            return self._search(queries, measure, k, distance=distance, threshold=threshold, collections=collections,
+        from imgrec.searchers import collect_missing
+
+        with one_blas_thread(), collect_missing() as missing:
+            resp = self._search(queries, measure, k, distance=distance, threshold=threshold, collections=collections,
                                 folders=folders, labels=labels, exclude_query=exclude_query, exclude_ids=exclude_ids,
                                 weights=weights, aggregate=aggregate, negatives=negatives,
                                 negative_weight=negative_weight, expand=expand, with_metadata=with_metadata,
                                 details=details)
+        resp.missing = list(missing)
+        return resp
 
     def _search(self, queries: Iterable[Query | str | os.PathLike[str] | bytes | int], measure: str, k: int, *,
                 distance: str | None, threshold: float | None, collections: Sequence[str] | None,
@@ -503,8 +522,11 @@ class Engine:
             def by(m: str) -> list[NDArray[np.int64]]:
                 return self._candidates(idx, m, feats, per_query, dists[m], near_only=measure == "mix")
 
-            # mix: the measures' searches side by side (usearch and numpy release the GIL): 1.7 ms less at 400k
-            parts = list(self._query_pool().map(by, measures)) if len(measures) > 1 else [by(measures[0])]
+            # mix: the measures' searches side by side (usearch and numpy release the GIL): 1.7 ms less at 400k;
+            # each in a copy of this thread's context (a served shard's absence is reported there)
+            ctxs = [contextvars.copy_context() for _ in measures]
+            parts = list(self._query_pool().map(lambda c, m: c.run(by, m), ctxs, measures)) \
+                if len(measures) > 1 else [by(measures[0])]
             found = [rows for part in parts for rows in part]
             if len(feats) > 1:  # what is close to all query images may be in no single image's candidates
                 mid = _centroid(feats)

@@ -11,14 +11,19 @@ per-row features: they mean the same whatever backend found the candidates.
   ``shard_of(image_id, N) == shard`` (a hash of the id); every shard is searched for every query, side by side on threads
   (usearch releases the GIL), for its share of the candidates with a margin (``per_shard``), and the answers are
   merged by distance: the merged top is what one graph's would be wherever each shard's is exact.
+- ``RayShards`` (``imgrec.shard_actors``): the same shards, held by Ray actors on a cluster's nodes; a shard that
+  does not answer in time is left out and named (``collect_missing``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,6 +50,27 @@ def shard_of(ids: NDArray[np.int64], count: int) -> NDArray[np.int64]:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:03d}"
+
+
+_MISSING: ContextVar[list[str] | None] = ContextVar("imgrec_missing_shards", default=None)
+
+
+@contextlib.contextmanager
+def collect_missing() -> Iterator[list[str]]:
+    """The parts of the collection that the searches run inside this block could not search (``report_missing``)."""
+    found: list[str] = []
+    token = _MISSING.set(found)
+    try:
+        yield found
+    finally:
+        _MISSING.reset(token)
+
+
+def report_missing(parts: list[str]) -> None:
+    """A backend's word that ``parts`` (shards, each named with its share of the collection) were left out."""
+    found = _MISSING.get()
+    if found is not None:
+        found.extend(p for p in parts if p not in found)
 
 
 @dataclass

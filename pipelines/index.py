@@ -416,20 +416,22 @@ def _relink_unreached(index: Any, keys: np.ndarray, vectors: np.ndarray, threads
     four of 240 photos on two threads, which no search ever returned). Each added image searches for itself, narrowly
     (RELINK_NARROW_EF, nearest only), then those not found more widely (RELINK_WIDE_EF): an unreachable node can
     never come back, so every one is among those left, with a few the graph holds badly. They are removed and added
-    again one by one, where nothing races, once the rest of the graph is there."""
+    again once the rest of the graph is there: on every thread, then those still not found on one, where nothing
+    races."""
     done = 0
     if len(keys) == 0:
         return 0
     suspects = np.flatnonzero(_not_found(index, keys, vectors, RELINK_NARROW_EF, 1, threads))
-    for _ in range(rounds):
+    for round_ in range(rounds):
         if suspects.size == 0:
             break
         lost = suspects[_not_found(index, keys[suspects], vectors[suspects], RELINK_WIDE_EF, RELINK_K, threads)]
         if lost.size == 0:
             break
         index.remove(keys[lost])
-        index.add(keys[lost], vectors[lost], threads=1)
-        done += int(lost.size)
+        # on every thread first (the few that race again are caught by the next round), then on one
+        index.add(keys[lost], vectors[lost], threads=threads if round_ == 0 else 1)
+        done += int(lost.size) if round_ == 0 else 0
         suspects = lost
     return done
 
