@@ -83,11 +83,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.shards is not None and args.shards < 1:
         print("imgrec: --shards must be at least 1", file=sys.stderr)
         return 2
-    cfg = _config(args, **({"index_shards": args.shards} if args.shards else {}))
+    cfg = _config(args, **({"index_shards": args.shards} if args.shards else {}),
+                  engine=args.engine or ("ray" if args.address else None), ray_address=args.address)
     meta = build_indexes(cfg, force=args.force, log=lambda s: print(s, file=sys.stderr))
     out = {k: meta[k] for k in ("snapshot", "count", "build_seconds")}
     if meta.get("shards"):
-        out["shards"] = {k: meta["shards"][k] for k in ("count", "images", "rebuilt", "unchanged")}
+        out["shards"] = {k: meta["shards"][k] for k in ("count", "images", "rebuilt", "unchanged", "engine", "nodes")
+                         if k in meta["shards"]}
     print(json.dumps(out))
     return 0
 
@@ -352,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rebuild from scratch even if the index is current")
     sp.add_argument("--shards", type=int, help="deal the images to N shards, each its own graphs, built in parallel "
                                                "and searched side by side (default: as the current index; 1: one)")
+    sp.add_argument("--engine", choices=("local", "ray"), help="where the shards are built: processes here "
+                    "(default), or Ray tasks on the cluster at --address")
+    sp.add_argument("--address", help="the Ray cluster for --engine ray (HOST:PORT, or auto)")
     sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("search", help="the most similar images to 1 to 5 query images")

@@ -527,7 +527,10 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
         tasks.append((str(tmp), str(old) if old is not None else None, prev_meta, model, i, count, graphs, config,
                       max(1, (os.cpu_count() or 1) // (workers if processes else 1))))
     t0 = time.perf_counter()
-    if processes and len(tasks) > 1:
+    nodes = None
+    if tasks and _on_ray(config):
+        done, nodes = _build_shards_on_ray(tasks, log)
+    elif processes and len(tasks) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -544,27 +547,119 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
         log(f"imgrec: {len(tasks)} of {count} shards built in {seconds:.1f}s ({len(kept)} unchanged)")
     rebuilt = [d["shard"] for d in done]
     return {"count": count, "rule": SHARD_RULE, "images": sizes, "rebuilt": sorted(rebuilt),
-            "unchanged": kept, "parallel": bool(processes and len(tasks) > 1), "seconds": round(seconds, 3),
+            "unchanged": kept, "parallel": bool(nodes is not None or processes and len(tasks) > 1),
+            "engine": "ray" if nodes is not None else "local", **({"nodes": nodes} if nodes is not None else {}),
+            "seconds": round(seconds, 3),
             "incremental": {g.name: all(d["reused"][g.name] for d in done) for g in graphs},
             "relinked": {g.name: sum(d["relinked"][g.name] for d in done) for g in graphs}}
 
 
-def _build_shard(task: tuple) -> dict[str, Any]:
-    """One shard's graphs (a spawned process's work, or in-process for small lakes)."""
-    from imgrec.searchers import shard_name, shard_of
+def _on_ray(config: Config) -> bool:
+    """Whether shard builds go to a Ray cluster: ``--engine ray`` with a cluster to go to (an address, or a process
+    already connected); a local Ray instance would only run the processes' work slower."""
+    if config.engine != "ray":
+        return False
+    if config.ray_address:
+        return True
+    try:
+        import ray
+    except ImportError:
+        return False
+    return bool(ray.is_initialized())
 
-    tmp_s, old_s, prev_meta, model, i, count, graphs, config, threads = task
 
-    tmp, old = Path(tmp_s), (Path(old_s) if old_s else None)
+def _shard_rows(tmp: Path, i: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of shard ``i`` in the index folder being built, and their ids."""
+    from imgrec.searchers import shard_of
+
     all_ids = np.load(tmp / "ids.npy", mmap_mode="r")
     rows = np.flatnonzero(shard_of(np.asarray(all_ids), count) == i)
+    return rows, np.asarray(all_ids[rows])
 
-    def vectors(g: GraphSpec) -> np.ndarray:
-        v = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
-        return np.sqrt(v) if g.sqrt else v
 
-    reused, relinked = _save_graphs(tmp / shard_name(i), old, prev_meta, model, np.asarray(all_ids[rows]), graphs,
-                                    vectors, config, threads)
+def _shard_vectors(tmp: Path, rows: np.ndarray, g: GraphSpec) -> np.ndarray:
+    v = np.asarray(np.load(tmp / g.vectors_file, mmap_mode="r")[rows], dtype=np.float32)
+    return np.sqrt(v) if g.sqrt else v
+
+
+def _shard_inputs(task: tuple) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, bytes] | None]:
+    """One shard's ids, its vectors per graph, and the previous index's files of it (for an update): what a Ray
+    task needs, on a node that may not see the index folder being built."""
+    tmp_s, old_s, _, _, i, count, graphs, _, _ = task
+    rows, ids = _shard_rows(Path(tmp_s), i, count)
+    vectors = {g.name: _shard_vectors(Path(tmp_s), rows, g) for g in graphs}
+    old = None
+    if old_s is not None and (Path(old_s) / "ids.npy").is_file():
+        keep = {"ids.npy"} | {f"{g.name}.usearch" for g in graphs if g.reusable}
+        old = {f.name: f.read_bytes() for f in Path(old_s).iterdir() if f.name in keep}
+    return ids, vectors, old
+
+
+def _build_shard_task(i: int, ids: np.ndarray, vectors: dict[str, np.ndarray], old: dict[str, bytes] | None,
+                      prev_meta: dict | None, model: dict, graphs: list[GraphSpec], config: Config, threads: int
+                      ) -> dict[str, Any]:
+    """A Ray task: one shard's graphs built in a scratch folder of the node it runs on; the files come back."""
+    import tempfile
+
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="imgrec-shard-") as d:
+        prev = None
+        if old:
+            prev = Path(d) / "prev"
+            prev.mkdir()
+            for name, data in old.items():
+                (prev / name).write_bytes(data)
+        out = Path(d) / "out"
+        out.mkdir()
+        reused, relinked = _save_graphs(out, prev, prev_meta, model, ids, graphs, lambda g: vectors[g.name],
+                                        config, threads)
+        files = {f.name: f.read_bytes() for f in out.iterdir()}
+    return {"shard": i, "reused": reused, "relinked": relinked, "files": files,
+            "node": ray.get_runtime_context().get_node_id()}
+
+
+def _build_shards_on_ray(tasks: list[tuple], log: Any) -> tuple[list[dict[str, Any]], int]:
+    """The shard builds as Ray tasks (``--engine ray``), each on as many CPUs as the cluster has per task (at most
+    a node's), their inputs and graphs through the object store; (what each returned, nodes used)."""
+    from imgrec.searchers import shard_name
+    from pipelines.distributed import session
+
+    with session(tasks[0][7].ray_address or None, log or (lambda s: None)) as cluster:
+        import ray
+
+        cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        per_node = min((c for c in cpus if c > 0), default=1)
+        threads = max(1, min(per_node, cluster.cpus // len(tasks)))
+        remote = ray.remote(_build_shard_task).options(num_cpus=threads, max_retries=3, scheduling_strategy="SPREAD")
+        refs, where = [], {}
+        for t in tasks:
+            ids, vectors, old = _shard_inputs(t)
+            tmp_s, _, prev_meta, model, i, _, graphs, config, _ = t
+            refs.append(remote.remote(i, ids, vectors, old, prev_meta, model, graphs, config, threads))
+            where[refs[-1]] = Path(tmp_s) / shard_name(i)
+        done, pending = [], list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            d = ray.get(ready[0])
+            for name, data in d.pop("files").items():
+                atomic_write_bytes(where[ready[0]] / name, data)
+            done.append(d)
+    if log:
+        log(f"imgrec: {len(tasks)} shards built as Ray tasks on {len({d['node'] for d in done})} node(s), "
+            f"{threads} CPU(s) each")
+    return done, len({d["node"] for d in done})
+
+
+def _build_shard(task: tuple) -> dict[str, Any]:
+    """One shard's graphs (a spawned process's work, or in-process for small lakes)."""
+    from imgrec.searchers import shard_name
+
+    tmp_s, old_s, prev_meta, model, i, count, graphs, config, threads = task
+    tmp, old = Path(tmp_s), (Path(old_s) if old_s else None)
+    rows, ids = _shard_rows(tmp, i, count)
+    reused, relinked = _save_graphs(tmp / shard_name(i), old, prev_meta, model, ids, graphs,
+                                    lambda g: _shard_vectors(tmp, rows, g), config, threads)
     return {"shard": i, "reused": reused, "relinked": relinked}
 
 

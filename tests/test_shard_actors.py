@@ -241,3 +241,27 @@ def test_a_new_snapshot_is_served_and_the_old_one_stopped(cluster: Any, lake: Pa
             _same(here.search(q, "mix", k=5), served.search(q, "mix", k=5))
     finally:
         shard_actors.stop(Lake(other))
+
+
+def test_shards_built_as_ray_tasks(cluster: Any, lake: Path, tmp_path: Path) -> None:
+    """``--engine ray``: the shards' graphs built as Ray tasks on the cluster's nodes (inputs and graphs through the
+    object store) search like those built here; an update ships the shard's previous graphs and rebuilds only it."""
+    from pipelines.index import build_indexes
+    from pipelines.ingest import ingest
+
+    other = _copy(lake, tmp_path / "lake")
+    meta = build_indexes(Config.load(other, engine="ray", index_shards=4), force=True)
+    assert (meta["shards"]["count"], meta["shards"]["engine"], meta["shards"]["rebuilt"]) == (4, "ray", [0, 1, 2, 3])
+    assert meta["shards"]["nodes"] >= 2
+    here, there = Engine(Config.load(lake)), Engine(Config.load(other))
+    for measure in MEASURES:
+        for q in _queries(here):
+            _same(here.search(q, measure, k=5), there.search(q, measure, k=5))
+    new = make_collection(tmp_path / "more", 1, start=200)[0]
+    ingest([tmp_path / "more"], Config.load(other, workers=1), progress=False, log=lambda s: None, build_index=False)
+    meta = build_indexes(Config.load(other, engine="ray"))
+    assert meta["shards"]["engine"] == "ray" and len(meta["shards"]["rebuilt"]) == 1
+    assert meta["shards"]["unchanged"] == sorted(set(range(4)) - set(meta["shards"]["rebuilt"]))
+    assert all(meta["hnsw"]["incremental"].values())  # the shard's graph updated from its previous one
+    there.refresh()
+    assert there.search([new], "embedding", k=1).results[0].path == str(new)
