@@ -119,7 +119,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_request_bytes:
             raise HTTPException(STATUS.get(exc.kind, 422), str(exc)) from None
         return {"results": [result_json(r) for r in resp.results], "measure": resp.measure,
                 "distance": resp.distance, "k": resp.k, "candidates": resp.candidates, "snapshot": resp.snapshot,
-                "timings_ms": resp.timings_ms}
+                "timings_ms": resp.timings_ms, "missing": resp.missing}
 
     @app.post("/search", summary="The most similar images to 1 to 5 query images", openapi_extra={
         "requestBody": {"content": {

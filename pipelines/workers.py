@@ -147,7 +147,10 @@ class WorkerPool:
             if not worker.held:
                 worker.since = now
             worker.held.append(job)
-            worker.conn.send((job.index, job.items))
+            try:
+                worker.conn.send((job.index, job.items))
+            except OSError:  # it died since the last look (its pipe is broken): ``_collect`` sees the death and
+                return  # hands its jobs, this one too, to a replacement
 
     def _collect(self, queue: deque[_Job]) -> list[tuple[_Job, list[Result]]]:
         """Wait for results (or a death); returns the jobs finished, requeues or gives up those of dead workers."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -188,3 +190,25 @@ def class_picture(hue: tuple[int, int, int], seed: int) -> Image.Image:
         shade = tuple(int(np.clip(c * rng.uniform(0.5, 0.9), 0, 255)) for c in base)
         draw.ellipse((x, y, x + int(rng.integers(15, 40)), y + int(rng.integers(15, 40))), fill=shade)
     return img
+
+
+RAY_NODE = {"num_cpus": 1, "object_store_memory": 150 * 1024**2, "node_ip_address": "127.0.0.1"}  # one test node
+
+
+@contextlib.contextmanager
+def local_ray_cluster(workers: int = 2) -> Iterator[Any]:
+    """A real Ray cluster on 127.0.0.1: a head and ``workers`` worker nodes of 1 CPU each (``RAY_NODE``), this
+    process connected to it; shut down afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={**RAY_NODE, "include_dashboard": False})
+    for _ in range(workers):
+        c.add_node(**RAY_NODE)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()

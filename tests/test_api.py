@@ -84,6 +84,7 @@ def test_an_uploaded_image_of_the_lake_comes_first(api: str, lake: tuple[Path, P
     assert top["relpath"] == "a/img_002.webp" and top["collection"] == "photos" and top["score"] > 0.99
     assert "path" not in top and not any(str(photos) in str(v) for v in top.values())  # no server path
     assert len(body["results"]) == 3 and {"decode", "features", "total"} <= set(body["timings_ms"])
+    assert body["missing"] == []  # every part of the collection searched (a served shard that did not answer: named)
     thumb = httpx.get(f"{api}{top['thumbnail_url']}")
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
     file = httpx.get(f"{api}{top['file_url']}")

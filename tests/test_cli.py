@@ -84,3 +84,25 @@ def test_backend_option_reaches_the_config() -> None:
     assert _config(args).backend == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["search", "x.jpg", "--backend", "tensorflow"])
+
+
+def test_output_into_a_closed_pipe_ends_quietly(cli_lake: tuple[Path, Path]) -> None:
+    """`imgrec stats | head -0`: the reader gone, the command ends with status 0 and no traceback; a broken pipe
+    anywhere else (a worker's) is not taken for it (``_stdout_gone``)."""
+    _, lake = cli_lake
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes anything
+    try:
+        proc = subprocess.run([sys.executable, "-m", "imgrec.cli", "stats", "--json", "--lake", str(lake)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    check = [sys.executable, "-c", "import sys; from imgrec.cli import _stdout_gone; sys.exit(int(_stdout_gone()))"]
+    assert subprocess.run(check, stdout=subprocess.PIPE, timeout=60).returncode == 0  # a reader: not gone
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        assert subprocess.run(check, stdout=write, timeout=60).returncode == 1  # no reader: gone
+    finally:
+        os.close(write)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_collection, save, synthetic_image
+from conftest import RAY_NODE, local_ray_cluster, make_collection, save, synthetic_image
 
 from imgrec.config import Config
 from imgrec.lake import Lake
@@ -32,19 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster(s3: object) -> Iterator[Any]:
     """Head (1 CPU) + 2 worker nodes (1 CPU each); its processes inherit the S3 server's settings."""
-    from ray.cluster_utils import Cluster
-
-    args = {"num_cpus": 1, "object_store_memory": 150 * 1024**2, "node_ip_address": "127.0.0.1"}
-    c = Cluster(initialize_head=True, head_node_args={**args, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(**args)
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
+    with local_ray_cluster(2) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def _photos(root: Path, n: int) -> Path:
@@ -116,7 +105,7 @@ def test_ray_ingest_equals_local_ingest(cluster: Any, photos: tuple[Path, dict[s
 
 def test_a_worker_node_removed_mid_job(cluster: Any, photos: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, local = photos
-    extra = cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2, node_ip_address="127.0.0.1")
+    extra = cluster.add_node(**RAY_NODE)
     cluster.wait_for_nodes()
     removed = threading.Event()
 
@@ -217,6 +206,7 @@ def test_a_file_that_crashes_the_decoder_is_skipped_like_local(cluster: Any, tmp
         proc = _cli(*args, env=env)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+        assert out.strip(), (engine, err)
         reports.append(json.loads(out))
     assert [(r["processed"], r["skipped"]) for r in reports] == [(7, 1), (7, 1)]
     assert _lake_rows(tmp_path / "ray")["skipped"] == _lake_rows(tmp_path / "local")["skipped"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ingest_quietly, make_collection
+from conftest import RAY_NODE, ingest_quietly, local_ray_cluster, make_collection
 
 from imgrec.config import Config
 from imgrec.lake import Lake
@@ -25,23 +25,12 @@ from imgrec.search import Engine, SearchResponse
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 MEASURES = ("color", "hash", "embedding", "mix")
-NODE = {"num_cpus": 1, "object_store_memory": 100 * 1024**2, "node_ip_address": "127.0.0.1"}
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(**NODE)
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    try:
+    with local_ray_cluster(2) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +136,7 @@ def test_a_removed_node_has_its_shards_reloaded_elsewhere(cluster: Any, lake: Pa
     from imgrec import shard_actors
 
     other = _copy(lake, tmp_path / "lake")
-    extra = cluster.add_node(**NODE)
+    extra = cluster.add_node(**RAY_NODE)
     cluster.wait_for_nodes()
     served = Engine(Config.load(other, shard_address=cluster.address, shard_timeout_s=30))
     here = Engine(Config.load(other))

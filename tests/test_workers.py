@@ -141,3 +141,14 @@ def test_ingest_survives_a_worker_killed_mid_run(tmp_path: Path) -> None:
     assert report["worker_restarts"] >= 1 and report["processed"] == 120 and report["skipped"] == 0
     images, skipped = _lake_rows(lake)
     assert len(images) == 120 == len(set(images)) and not skipped  # every other file in, nothing twice
+
+
+def test_a_worker_dead_before_its_chunk_is_sent_is_replaced() -> None:
+    """A worker that died since the pool last looked (its pipe broken when the next chunk is sent): the chunk goes to
+    its replacement; the send's broken pipe once ended a whole ingestion quietly, with exit status 0."""
+    with WorkerPool(1, _square, _crashed, per_worker=2) as pool:
+        dead = pool.workers[0].proc
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.join(10)
+        assert list(pool.map([[1, 2], [3]])) == [[(1, 1), (2, 4)], [(3, 9)]]
+        assert pool.restarts == 1 and pool.crashed == 0
