@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -70,10 +71,7 @@ def current_dir(lake: Lake) -> Path | None:
 def _pull_current(lake: Lake) -> Path | None:
     """The S3 lake's current index in the local cache: ``indexes/CURRENT`` names it; a copy that has all its
     files (``.complete``) is used as it is, else its files and the thumbnail segments it lists are downloaded
-    (into a temporary folder, renamed once whole)."""
-    import shutil
-    import uuid
-
+    (``download_folder``)."""
     try:
         name = lake.store.read_bytes(f"{INDEXES}/CURRENT").decode().strip()
     except FileNotFoundError:
@@ -86,15 +84,31 @@ def _pull_current(lake: Lake) -> Path | None:
                e.path[len(prefix):].count("/") <= 1]  # its files, and its shards' (shard-NNN/...)
     if not any(e.path == prefix + "meta.json" for e in entries):
         return None
-    tmp = local.with_name(f".{name}.{uuid.uuid4().hex[:8]}.part")
-    for e in entries:
-        lake.store.get_file(e.path, tmp / e.path[len(prefix):])
-    thumbs = index_root(lake) / "thumbs"
-    if (tmp / "thumbs.json").is_file():
-        for seg in json.loads((tmp / "thumbs.json").read_text()):
-            if not (thumbs / seg).is_file():  # segments are shared by snapshots: each comes down once
-                lake.store.get_file(f"{INDEXES}/thumbs/{seg}", thumbs / seg)
-    (tmp / COMPLETE).write_text(name)
+
+    def segments(tmp: Path) -> None:
+        thumbs = index_root(lake) / "thumbs"
+        if (tmp / "thumbs.json").is_file():
+            for seg in json.loads((tmp / "thumbs.json").read_text()):
+                if not (thumbs / seg).is_file():  # segments are shared by snapshots: each comes down once
+                    lake.store.get_file(f"{INDEXES}/thumbs/{seg}", thumbs / seg)
+
+    return download_folder(lake, prefix, [e.path for e in entries], local, then=segments)
+
+
+def download_folder(lake: Lake, prefix: str, paths: list[str], local: Path,
+                    then: Callable[[Path], None] | None = None) -> Path:
+    """The S3 lake's files ``paths`` (under ``prefix``) as the local folder ``local``: downloaded into a temporary
+    folder beside it (``then`` run on it), marked ``.complete`` and renamed once whole: a reader finds all of it or
+    none."""
+    import shutil
+    import uuid
+
+    tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+    for path in paths:
+        lake.store.get_file(path, tmp / path[len(prefix):])
+    if then is not None:
+        then(tmp)
+    (tmp / COMPLETE).write_text(local.name)
     shutil.rmtree(local, ignore_errors=True)
     os.replace(tmp, local)
     return local

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,6 @@ from imgrec.searchers import GRAPHS, Hits, LocalGraphs, merge, per_shard, report
 NAMESPACE = "imgrec"
 SERVED = "served"  # an S3 lake's shards, downloaded by the actors, under the node's cache of the lake's indexes
 FAULT_DELAY_ENV = "IMGREC_FAULT_SHARD_DELAY"  # tests: "shard-002:30" makes that shard's actor answer 30 s late
-ENV_PREFIXES = ("AWS_", "IMGREC_")  # what the actors need of the starting process's environment (S3 settings)
 
 
 def lake_key(lake: Lake) -> str:
@@ -48,8 +44,8 @@ def actor_name(lake: Lake, snap: str, shard: str) -> str:
 
 def shard_dir(lake: Lake, snap: str, shard: str) -> Path:
     """The local folder of one shard: in the lake's indexes; for an S3 lake, downloaded once into this node's
-    cache (a temporary folder, renamed once whole)."""
-    from imgrec.index import COMPLETE, INDEXES, index_root
+    cache (``download_folder``)."""
+    from imgrec.index import COMPLETE, INDEXES, download_folder, index_root
 
     if not lake.remote:
         path = index_root(lake) / snap / shard
@@ -63,13 +59,7 @@ def shard_dir(lake: Lake, snap: str, shard: str) -> Path:
     entries = [e for e in lake.store.list(f"{INDEXES}/{snap}/{shard}") if e.path.startswith(prefix)]
     if not entries:
         raise LakeError(f"{lake.url}: {prefix} holds no files")
-    tmp = local.with_name(f".{shard}.{uuid.uuid4().hex[:8]}.part")
-    for e in entries:
-        lake.store.get_file(e.path, tmp / e.path[len(prefix):])
-    (tmp / COMPLETE).write_text(shard)
-    shutil.rmtree(local, ignore_errors=True)
-    os.replace(tmp, local)
-    return local
+    return download_folder(lake, prefix, [e.path for e in entries], local)
 
 
 class ShardServer:
@@ -103,20 +93,9 @@ class ShardServer:
 
 def connect(address: str) -> Any:
     """Ray, connected to the cluster at ``address`` (a process already connected is used as it is)."""
-    try:
-        import ray
-    except ImportError:
-        raise LakeError("serving shards needs Ray: pip install 'imgrec[ray]'") from None
-    if not ray.is_initialized():
-        from pipelines.distributed import _reachable
+    from pipelines.distributed import connect as ray_connect
 
-        _reachable(address)
-        try:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR,
-                     configure_logging=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LakeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-    return ray
+    return ray_connect(address)[0]
 
 
 def _spec(index_path: Path) -> dict[str, Any]:
@@ -135,15 +114,16 @@ def ensure_actors(lake: Lake, index_path: Path, *, wait_s: float = 300.0) -> lis
     absent, each once its shard is loaded. Ray must be connected (``connect``)."""
     import ray
 
+    from pipelines.distributed import driver_env
+
     spec, snap = _spec(index_path), index_path.name
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
     cls = ray.remote(ShardServer)
     actors = []
     for s in spec["shards"]:
         actors.append(cls.options(
             name=actor_name(lake, snap, s["name"]), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=-1, num_cpus=0, scheduling_strategy="SPREAD",
-            runtime_env={"env_vars": env} if env else None).remote(lake.url, snap, s["name"]))
+            runtime_env=driver_env()).remote(lake.url, snap, s["name"]))
     try:
         ray.get([a.info.remote() for a in actors], timeout=wait_s)
     except ray.exceptions.RayActorError as exc:

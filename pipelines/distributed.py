@@ -46,31 +46,43 @@ class Cluster:
     address: str
 
 
+def driver_env() -> dict[str, str] | None:
+    """The ``runtime_env`` that gives Ray's workers (and actors) the driver's S3 and imgrec settings."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    return {"env_vars": env} if env else None
+
+
+def connect(address: str | None) -> Any:
+    """Ray, connected to the cluster at ``address``, or (None) to a private instance on 127.0.0.1 started here;
+    a process already connected is used as it is. (ray, whether this call started an instance)."""
+    try:
+        import ray
+    except ImportError:
+        raise LakeError("Ray is not installed (--engine ray and served shards need it): "
+                        "pip install 'imgrec[ray]' (or pip install 'ray[data]')") from None
+    if ray.is_initialized():
+        return ray, False
+    common: dict[str, Any] = {"runtime_env": driver_env(), "log_to_driver": False, "logging_level": logging.ERROR,
+                              "configure_logging": True}
+    if address:
+        _reachable(address)  # ray.init retries an unreachable address for minutes
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise LakeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+        return ray, False
+    # a private instance: this machine's cores, loopback only, no dashboard, a bounded object store
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+             _node_ip_address="127.0.0.1", object_store_memory=_store_bytes(), **common)
+    return ray, True
+
+
 @contextlib.contextmanager
 def session(address: str | None, log: Callable[[str], None]) -> Iterator[Cluster]:
     """Ray for one ingestion: connected to ``address`` (``auto``: the cluster this machine belongs to), or a local
     instance on 127.0.0.1 started here and stopped at the end; a process already connected (tests, notebooks) is
     used as it is."""
-    try:
-        import ray
-    except ImportError:
-        raise LakeError("--engine ray needs Ray: pip install 'imgrec[ray]' (or pip install 'ray[data]')") from None
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    runtime_env = {"env_vars": env} if env else None
-    started = False
-    if not ray.is_initialized():
-        common: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": logging.ERROR,
-                                  "configure_logging": True}
-        if address:
-            _reachable(address)  # ray.init retries an unreachable address for minutes
-            try:
-                ray.init(address=address, **common)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise LakeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-        else:  # a private instance: this machine's cores, loopback only, no dashboard, a bounded object store
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", object_store_memory=_store_bytes(), **common)
-            started = True
+    ray, started = connect(address)
     try:
         res = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -410,7 +410,7 @@ def _not_found(index: Any, keys: np.ndarray, vectors: np.ndarray, ef: int, k: in
 
 
 def _relink_unreached(index: Any, keys: np.ndarray, vectors: np.ndarray, threads: int, rounds: int = 2) -> int:
-    """Add again, on one thread, the images ``keys`` a search of the graph does not reach; how many were.
+    """Add again the images ``keys`` a search of the graph does not reach; how many were.
 
     usearch's concurrent ``add`` can leave a node stored but linked to by no other (unum-cloud/USearch#735: one to
     four of 240 photos on two threads, which no search ever returned). Each added image searches for itself, narrowly
@@ -431,7 +431,7 @@ def _relink_unreached(index: Any, keys: np.ndarray, vectors: np.ndarray, threads
         index.remove(keys[lost])
         # on every thread first (the few that race again are caught by the next round), then on one
         index.add(keys[lost], vectors[lost], threads=threads if round_ == 0 else 1)
-        done += int(lost.size) if round_ == 0 else 0
+        done = done or int(lost.size)  # the images relinked: those of the first round (the next retries some)
         suspects = lost
     return done
 
@@ -481,6 +481,22 @@ class GraphSpec:
     reusable: bool
 
 
+@dataclass(frozen=True)
+class _ShardTask:
+    """One shard to build: the index folder being built, the previous index's folder of that shard (for an
+    update), and how."""
+
+    tmp: Path
+    old: Path | None
+    prev_meta: dict | None
+    model: dict
+    shard: int
+    count: int
+    graphs: list[GraphSpec]
+    config: Config
+    threads: int
+
+
 SHARD_PROCESSES_MIN = 50_000  # smaller lakes build their shards one after another in this process (a spawned
 # worker costs about a second to start)
 
@@ -524,8 +540,8 @@ def build_shards(tmp: Path, prev: Path | None, prev_meta: dict | None, model: di
                 _link_or_copy(old / f"{g.name}.usearch", tmp / name / f"{g.name}.usearch")
             kept.append(i)
             continue
-        tasks.append((str(tmp), str(old) if old is not None else None, prev_meta, model, i, count, graphs, config,
-                      max(1, (os.cpu_count() or 1) // (workers if processes else 1))))
+        tasks.append(_ShardTask(tmp, old, prev_meta, model, i, count, graphs, config,
+                                max(1, (os.cpu_count() or 1) // (workers if processes else 1))))
     t0 = time.perf_counter()
     nodes = None
     if tasks and _on_ray(config):
@@ -582,16 +598,15 @@ def _shard_vectors(tmp: Path, rows: np.ndarray, g: GraphSpec) -> np.ndarray:
     return np.sqrt(v) if g.sqrt else v
 
 
-def _shard_inputs(task: tuple) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, bytes] | None]:
+def _shard_inputs(t: _ShardTask) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, bytes] | None]:
     """One shard's ids, its vectors per graph, and the previous index's files of it (for an update): what a Ray
     task needs, on a node that may not see the index folder being built."""
-    tmp_s, old_s, _, _, i, count, graphs, _, _ = task
-    rows, ids = _shard_rows(Path(tmp_s), i, count)
-    vectors = {g.name: _shard_vectors(Path(tmp_s), rows, g) for g in graphs}
+    rows, ids = _shard_rows(t.tmp, t.shard, t.count)
+    vectors = {g.name: _shard_vectors(t.tmp, rows, g) for g in t.graphs}
     old = None
-    if old_s is not None and (Path(old_s) / "ids.npy").is_file():
-        keep = {"ids.npy"} | {f"{g.name}.usearch" for g in graphs if g.reusable}
-        old = {f.name: f.read_bytes() for f in Path(old_s).iterdir() if f.name in keep}
+    if t.old is not None and (t.old / "ids.npy").is_file():
+        keep = {"ids.npy"} | {f"{g.name}.usearch" for g in t.graphs if g.reusable}
+        old = {f.name: f.read_bytes() for f in t.old.iterdir() if f.name in keep}
     return ids, vectors, old
 
 
@@ -619,13 +634,13 @@ def _build_shard_task(i: int, ids: np.ndarray, vectors: dict[str, np.ndarray], o
             "node": ray.get_runtime_context().get_node_id()}
 
 
-def _build_shards_on_ray(tasks: list[tuple], log: Any) -> tuple[list[dict[str, Any]], int]:
+def _build_shards_on_ray(tasks: list[_ShardTask], log: Any) -> tuple[list[dict[str, Any]], int]:
     """The shard builds as Ray tasks (``--engine ray``), each on as many CPUs as the cluster has per task (at most
     a node's), their inputs and graphs through the object store; (what each returned, nodes used)."""
     from imgrec.searchers import shard_name
     from pipelines.distributed import session
 
-    with session(tasks[0][7].ray_address or None, log or (lambda s: None)) as cluster:
+    with session(tasks[0].config.ray_address or None, log or (lambda s: None)) as cluster:
         import ray
 
         cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -635,9 +650,8 @@ def _build_shards_on_ray(tasks: list[tuple], log: Any) -> tuple[list[dict[str, A
         refs, where = [], {}
         for t in tasks:
             ids, vectors, old = _shard_inputs(t)
-            tmp_s, _, prev_meta, model, i, _, graphs, config, _ = t
-            refs.append(remote.remote(i, ids, vectors, old, prev_meta, model, graphs, config, threads))
-            where[refs[-1]] = Path(tmp_s) / shard_name(i)
+            refs.append(remote.remote(t.shard, ids, vectors, old, t.prev_meta, t.model, t.graphs, t.config, threads))
+            where[refs[-1]] = t.tmp / shard_name(t.shard)
         done, pending = [], list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -651,16 +665,14 @@ def _build_shards_on_ray(tasks: list[tuple], log: Any) -> tuple[list[dict[str, A
     return done, len({d["node"] for d in done})
 
 
-def _build_shard(task: tuple) -> dict[str, Any]:
+def _build_shard(t: _ShardTask) -> dict[str, Any]:
     """One shard's graphs (a spawned process's work, or in-process for small lakes)."""
     from imgrec.searchers import shard_name
 
-    tmp_s, old_s, prev_meta, model, i, count, graphs, config, threads = task
-    tmp, old = Path(tmp_s), (Path(old_s) if old_s else None)
-    rows, ids = _shard_rows(tmp, i, count)
-    reused, relinked = _save_graphs(tmp / shard_name(i), old, prev_meta, model, ids, graphs,
-                                    lambda g: _shard_vectors(tmp, rows, g), config, threads)
-    return {"shard": i, "reused": reused, "relinked": relinked}
+    rows, ids = _shard_rows(t.tmp, t.shard, t.count)
+    reused, relinked = _save_graphs(t.tmp / shard_name(t.shard), t.old, t.prev_meta, t.model, ids, t.graphs,
+                                    lambda g: _shard_vectors(t.tmp, rows, g), t.config, t.threads)
+    return {"shard": t.shard, "reused": reused, "relinked": relinked}
 
 
 def _save_graphs(dest: Path, prev: Path | None, prev_meta: dict | None, model: dict, ids: np.ndarray,
