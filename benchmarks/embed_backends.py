@@ -1,8 +1,11 @@
 """Backends for the same embedding weights, side by side: torch (the Embedder as ingestion ran it), ONNX Runtime
 (the graph imgrec exports) and, where it is installed (``pip install openvino``), OpenVINO reading the same ONNX
 file. ms per image (median of rounds, every backend in turn in each round), cosine to torch, import and load times.
+``--micro 0 16`` adds ONNX Runtime running a batch in one run, or in runs of 16 images a thread, beside its default
+(runs of ``MICRO_BATCH_PER_THREAD`` images a thread).
 
-    .venv/bin/python benchmarks/embed_backends.py                 # batch 1 and 32, 1 and 2 threads
+    .venv/bin/python benchmarks/embed_backends.py                 # batch 1, 5 and 32, 1 and 2 threads
+    .venv/bin/python benchmarks/embed_backends.py --micro 0 1 4   # and ONNX Runtime run otherwise
 
 Real photos of ../shared/data/oxford_flowers17 (exits with a message where it is absent).
 """
@@ -35,6 +38,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="photos (crops)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--micro", type=int, nargs="*", default=[], metavar="N",
+                    help="also ONNX Runtime with runs of N images per thread (0: the whole batch in one run), "
+                         "beside the default micro-batch")
     args = ap.parse_args()
     import torch
     from embed_cpu import load_crops
@@ -56,6 +62,9 @@ def main() -> None:
         ort = OnnxEmbedder(s.name, threads=t)
         loads[f"onnxruntime session ({t} thread(s))"] = (time.perf_counter() - t0) * 1000
         fns[f"onnxruntime, {t} thread(s)"] = lambda b, e=ort: e.embed(b)[0]
+        for m in args.micro:
+            other = OnnxEmbedder(s.name, threads=t, micro_batch=m * t if m else 1 << 30)
+            fns[f"onnxruntime, {t} thr, runs of {m * t or 'all'}"] = lambda b, e=other: e.embed(b)[0]
     try:
         import openvino as ov
 
@@ -73,8 +82,8 @@ def main() -> None:
     for name, fn in fns.items():
         out = np.concatenate([fn(crops[i:i + 32]) for i in range(0, len(crops), 32)])
         cos = (out * expected).sum(1) / np.linalg.norm(out, axis=1)
-        print(f"{name:28s} cosine to torch: min {cos.min():.7f}")
-    for batch in (1, 32):
+        print(f"{name:34s} cosine to torch: min {cos.min():.7f}")
+    for batch in (1, 5, 32):
         times: dict[str, list[float]] = {n: [] for n in fns}
         for r in range(args.rounds):
             for name, fn in fns.items():
@@ -83,7 +92,7 @@ def main() -> None:
                 fn(b)
                 times[name].append((time.perf_counter() - t0) * 1000 / len(b))
         for name, v in times.items():
-            print(f"batch {batch:2d}  {name:28s} {statistics.median(v[1:]):6.2f} ms/image")
+            print(f"batch {batch:2d}  {name:34s} {statistics.median(v[1:]):6.2f} ms/image")
     for module in ("torch", "onnxruntime", "openvino"):
         print(f"import {module}: {import_ms(module):.0f} ms (a new process)")
     for name, ms in loads.items():

@@ -69,6 +69,7 @@ def main() -> None:
                     help="torch threads: OMP_NUM_THREADS and --embed-threads (0: as the tree does)")
     ap.add_argument("--reps", type=int, default=1)
     args = ap.parse_args()
+    args.photos = args.photos.resolve()  # the runs start in the tree's folder
     if not args.photos.is_dir():
         sys.exit(f"{args.photos} is absent: the shared data set is needed; nothing to measure")
     trees = dict(t.split("=", 1) for t in args.tree) or {"this": str(ROOT)}

@@ -227,6 +227,60 @@ def test_layout_descriptor_sees_where_colours_are_and_how_they_clump():
     assert float(sky @ shade) > 0.95
 
 
+def _reference_layout(img: Image.Image) -> np.ndarray:
+    """The colour layout computed part by part, each quarter sliced and counted on its own (the definition)."""
+    from imgrec.features.color import (
+        CELL_BINS,
+        CORRELOGRAM_DISTANCES,
+        LAYOUT_BINS,
+        _correlogram,
+        _soft_hue_histogram,
+        hsv_pixels,
+    )
+
+    a = hsv_pixels(img)
+    h = a[..., 0].astype(np.float32)
+    rows, cols = a.shape[:2]
+    whole = np.sqrt(_soft_hue_histogram(h.ravel(), a[..., 1].ravel(), a[..., 2].ravel(), LAYOUT_BINS))
+    quarters = []
+    for i in range(2):
+        for j in range(2):
+            r = slice(i * rows // 2, max((i + 1) * rows // 2, i * rows // 2 + 1))
+            c = slice(j * cols // 2, max((j + 1) * cols // 2, j * cols // 2 + 1))
+            q = a[r, c]
+            quarters.append(np.sqrt(_soft_hue_histogram(h[r, c].ravel(), q[..., 1].ravel(), q[..., 2].ravel(),
+                                                        CELL_BINS)) / 2)
+    colours = np.concatenate([whole, *quarters])
+    colours /= max(float(np.linalg.norm(colours)), 1e-12)
+    x = a.astype(np.int32)
+    codes = (x[..., 0] * 8 >> 8) * 16 + (x[..., 1] * 4 >> 8) * 4 + (x[..., 2] * 4 >> 8)
+    patches = np.sqrt(_correlogram(codes, 128, CORRELOGRAM_DISTANCES))
+    patches /= max(float(np.linalg.norm(patches)), 1e-12)
+    return np.concatenate([colours, patches]).astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [(96, 64), (128, 85), (33, 127), (1, 40), (40, 1), (1, 1), (2, 3)])
+def test_layout_descriptor_equals_its_definition_bit_for_bit(size):
+    """The one-count-for-all-quarters computation gives exactly the part-by-part descriptor (odd sizes, 1 px)."""
+    from imgrec.features.color import hsv_pixels, layout_descriptor
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        smooth = rng.integers(0, 256, (max(1, size[1] // 8), max(1, size[0] // 8), 3), dtype=np.uint8)
+        img = Image.fromarray(smooth).resize(size, Image.Resampling.BILINEAR)  # patches, not noise
+        ref = _reference_layout(img)
+        assert np.array_equal(layout_descriptor(img), ref)
+        assert np.array_equal(layout_descriptor(hsv_pixels(img)), ref)  # the HSV pixels given, as extract does
+
+
+def test_hsv_histogram_of_an_image_or_its_hsv_pixels_is_the_same():
+    from imgrec.features.color import hsv_pixels
+
+    img = smooth_noise(3, (300, 200))
+    assert np.array_equal(hsv_histogram(img), hsv_histogram(hsv_pixels(img)))
+    assert np.array_equal(hsv_histogram(img, (4, 2, 2)), hsv_histogram(hsv_pixels(img), (4, 2, 2)))
+
+
 def test_pack_bits_order_and_top_bit():
     bits = np.zeros(64, bool)
     bits[0] = True

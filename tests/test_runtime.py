@@ -63,6 +63,21 @@ def test_onnx_vectors_equal_torch_on_real_photos(both, shared_data: Path) -> Non
         _same(*both, crops[i : i + 16])
 
 
+def test_a_batch_run_in_micro_batches_gives_the_vectors_of_one_run(both) -> None:
+    """The embedder splits a batch into runs of a few images (faster: they stay in the caches); each image keeps its
+    own vector, in order, whatever the split."""
+    crops = _crops([jpeg_bytes(synthetic_image(i, (260, 200))) for i in range(7)])
+    whole = OnnxEmbedder(LITE0.name, threads=1, micro_batch=1 << 30).embed(crops)
+    assert both[1].micro_batch == 2
+    for split in (both[1], OnnxEmbedder(LITE0.name, threads=1, micro_batch=3)):
+        got = split.embed(crops)
+        np.testing.assert_allclose(got[0], whole[0], atol=2e-6)
+        assert (got[1] == whole[1]).all()
+        np.testing.assert_allclose(got[2], whole[2], atol=2e-6)
+    one = both[1].embed(crops[4:5])  # and one image alone is the same image's vector
+    np.testing.assert_allclose(one[0][0], whole[0][4], atol=2e-6)
+
+
 def test_export_is_cached_under_the_weights_checksum(both) -> None:
     torch_e, onnx_e = both
     path = ensure_onnx(LITE0)

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from imgrec.features.color import WORK_SIZE, hsv_histogram, layout_descriptor
+from imgrec.features.color import WORK_SIZE, hsv_histogram, hsv_pixels, layout_descriptor
 from imgrec.features.embed import ModelSpec, center_crop, model_level, strip_crop
 from imgrec.features.hashing import dhash, phash
 from imgrec.imaging import decode, fit_within, thumbnail_jpeg
@@ -110,8 +110,9 @@ def extract(
     levels = pyramid(dec.image, model, thumb_size or 256)
     t2 = time.perf_counter()
     t["resize"] = t2 - t1
-    hist = hsv_histogram(levels.color, bins)
-    desc = layout_descriptor(levels.color) if layout else None
+    hsv = hsv_pixels(levels.color)  # converted once for the histogram and the layout
+    hist = hsv_histogram(hsv, bins)
+    desc = layout_descriptor(hsv) if layout else None
     t3 = time.perf_counter()
     t["color"] = t3 - t2
     grey = levels.color.convert("L")  # once for both hashes (each resizes it to 32x32 or 9x8)
