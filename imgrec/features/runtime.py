@@ -226,8 +226,9 @@ class OnnxEmbedder:
         # core another process holds made torch 50x slower in that case)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = threads
-        # measured (benchmarks/embed_backends.py --micro, AMD EPYC family 26): 2 images a run per thread embed 1.3x
-        # faster per image than runs of 16 or 32 on one thread (6.6 vs 8.6 ms), 4 on two threads 1.15x (3.8 vs 4.4)
+        # measured (benchmarks/embed_backends.py --micro 0, AMD EPYC family 26, batch 32): runs of 2 images on one
+        # thread embed 1.4x faster per image than one run (5.49 vs 7.71 ms), runs of 4 on two threads 1.27x (3.39
+        # vs 4.30)
         self.micro_batch = micro_batch or MICRO_BATCH_PER_THREAD * max(1, threads or os.cpu_count() or 1)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
 
