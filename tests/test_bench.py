@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ingest_quietly, make_collection
 
-from imgrec.bench.runner import BenchOptions, parse_sizes, run
+from imgrec.bench.runner import BenchOptions, cache_sizes, cpu_identity, parse_sizes, run, vector_extensions
 from imgrec.config import MEASURES
 
 N = 300
@@ -124,3 +124,24 @@ def test_parse_sizes() -> None:
     with pytest.raises(ValueError):
         parse_sizes("0")
     assert math.isclose(parse_sizes("2.5k")[0], 2500)
+
+
+def test_the_cpu_is_told_apart_by_family_caches_and_vector_extensions(tmp_path: Path) -> None:
+    """Two virtual CPUs both named "AMD EPYC": the report tells the AVX2-only one from the one with AVX-512."""
+    for level, kind, size in ((1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "1024K"),
+                              (3, "Unified", "32768K")):
+        d = tmp_path / f"index{level}{kind[0]}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    caches = cache_sizes(tmp_path)
+    assert caches == {"L2": "1024K", "L3": "32768K"}
+    info = ["processor\t: 0", "vendor_id\t: AuthenticAMD", "cpu family\t: 26", "model\t\t: 2",
+            "model name\t: AMD EPYC", "", "processor\t: 1", "cpu family\t: 25", "model\t\t: 1"]
+    assert cpu_identity(info, caches) == "family 26 model 2, L2 1024K, L3 32768K"
+    assert cpu_identity([], {}) is None and cache_sizes(tmp_path / "absent") == {}
+    zen3 = "fpu sse2 avx avx2 fma bmi2".split()
+    zen5 = zen3 + "avx512f avx512_vnni avx512_bf16 avx_vnni".split()
+    assert vector_extensions(zen3) == ["AVX2", "FMA"]
+    assert vector_extensions(zen5) == ["AVX2", "FMA", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AVX-VNNI"]

@@ -142,7 +142,8 @@ def markdown(report: dict[str, Any]) -> str:
     m = report.get("machine", {})
     lines = [f"# imgrec benchmark ({report.get('mode')})", "",
              f"Run {report.get('started_at', '?')[:19]} in {_f(report.get('seconds'))} s on {m.get('cpus')} CPU cores "
-             f"({m.get('cpu', '?')}; {', '.join(m.get('vector_extensions') or []) or 'vector extensions unknown'}), "
+             f"({m.get('cpu', '?')}{', ' + m['cpu_id'] if m.get('cpu_id') else ''}; "
+             f"{', '.join(m.get('vector_extensions') or []) or 'vector extensions unknown'}), "
              f"{m.get('memory_gb', '?')} GB, {m.get('accelerator', 'no GPU')}; Python "
              f"{m.get('python')}, commit {m.get('commit', '?')}; load average {m.get('load_start', '?')} at the "
              f"start, {m.get('load_end', '?')} at the end (other work on the cores stretches every figure). "

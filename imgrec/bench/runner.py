@@ -81,6 +81,7 @@ def machine() -> dict[str, Any]:
         info["cpu"] = cpu[0].split(":", 1)[1].strip() if cpu else platform.processor()
         flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo if ln.startswith("flags")), [])
         info["vector_extensions"] = vector_extensions(flags)
+        info["cpu_id"] = cpu_identity(cpuinfo, cache_sizes())
         mem = [ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")]
         info["memory_gb"] = round(int(mem[0].split()[1]) / 1024**2, 1) if mem else None
     except OSError:
@@ -113,6 +114,34 @@ def vector_extensions(flags: Sequence[str]) -> list[str]:
     embedding took 2.4x longer on an AVX2-only AMD EPYC than on an Intel Xeon with AVX-512."""
     have = set(flags)
     return [name for flag, name in VECTOR_FLAGS.items() if flag in have]
+
+
+def cpu_identity(cpuinfo: Sequence[str], caches: dict[str, str]) -> str | None:
+    """What tells two CPUs of one name apart (a virtual machine's "AMD EPYC" is an AVX2-only one on one day, one with
+    AVX-512 and twice the cache on another): "family 26 model 2, L2 1024K, L3 32768K" (the first core's)."""
+    fields = {}
+    for ln in cpuinfo:
+        key, _, value = ln.partition(":")
+        key = key.strip()
+        if not key and fields:
+            break  # the first core's block only
+        if key in ("cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+    parts = [f"family {fields['cpu family']} model {fields.get('model', '?')}"] if "cpu family" in fields else []
+    parts += [f"{level} {size}" for level, size in caches.items()]
+    return ", ".join(parts) or None
+
+
+def cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[str, str]:
+    """{"L2": "1024K", "L3": "32768K"}: the unified caches of the first core (sysfs), empty where not readable."""
+    out = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Unified":
+                out[f"L{(index / 'level').read_text().strip()}"] = (index / "size").read_text().strip()
+        except OSError:
+            continue
+    return out
 
 
 def _load() -> float | None:
