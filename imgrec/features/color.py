@@ -121,36 +121,38 @@ def layout_descriptor(img: Image.Image | NDArray[np.uint8]) -> NDArray[np.float3
     # the soft hue (shared by the whole picture's bins and the quarters': both have nh hue bins), computed once
     pos = hue.astype(np.float32) * np.float32(nh / 256.0) - np.float32(0.5)
     lo = np.floor(pos)
-    frac = (pos - lo).ravel()
-    h0 = lo.astype(np.int32).ravel() % nh
+    frac = pos - lo
+    h0 = lo.astype(np.int32) % nh
     h1 = (h0 + 1) % nh
     rest = ((sat * ns >> 8) * nv + (val * nv >> 8)).ravel()
-    whole = np.sqrt(_normalised(np.bincount(h0 * ns * nv + rest, weights=1 - frac, minlength=nh * ns * nv)
-                                + np.bincount(h1 * ns * nv + rest, weights=frac, minlength=nh * ns * nv)))
-    cn, cs, cv = CELL_BINS
-    cell = cn * cs * cv
-    if rows >= 2 and cols >= 2:  # the quarters split the picture: one count over all of them, each bin its quarter's
-        quarter = ((np.arange(rows) >= rows // 2)[:, None] * 2 + (np.arange(cols) >= cols // 2)[None, :]).ravel()
-        crest = quarter * cell + ((sat * cs >> 8) * cv + (val * cv >> 8)).ravel()
-        counts = (np.bincount(crest + h0 * cs * cv, weights=1 - frac, minlength=4 * cell)
-                  + np.bincount(crest + h1 * cs * cv, weights=frac, minlength=4 * cell)).reshape(4, cell)
-        quarters = [np.sqrt(_normalised(c)) / 2 for c in counts]
-    else:  # a picture 1 px high or wide: its quarters overlap
-        h = hue.astype(np.float32)
-        quarters = []
-        for i in range(2):
-            for j in range(2):
-                r = slice(i * rows // 2, max((i + 1) * rows // 2, i * rows // 2 + 1))
-                c = slice(j * cols // 2, max((j + 1) * cols // 2, j * cols // 2 + 1))
-                q = a[r, c]
-                quarters.append(np.sqrt(_soft_hue_histogram(h[r, c].ravel(), q[..., 1].ravel(), q[..., 2].ravel(),
-                                                            CELL_BINS)) / 2)
+    whole = np.sqrt(_normalised(np.bincount(h0.ravel() * ns * nv + rest, weights=1 - frac.ravel(), minlength=nh * ns * nv)
+                                + np.bincount(h1.ravel() * ns * nv + rest, weights=frac.ravel(), minlength=nh * ns * nv)))
+    parts = (h0, h1, frac, sat, val)
+    for axis, size in ((0, rows), (1, cols)):
+        if size < 2:  # a picture 1 px high (wide): its top and bottom (left and right) halves are that row (column)
+            parts = tuple(np.repeat(x, 2, axis=axis) for x in parts)
+    quarters = _quarter_histograms(*parts)
     colours = np.concatenate([whole, *quarters])
     colours /= max(float(np.linalg.norm(colours)), 1e-12)
     codes = (hue * nh >> 8) * (ns * nv) + (sat * ns >> 8) * nv + (val * nv >> 8)
     patches = np.sqrt(_correlogram(codes, nh * ns * nv, CORRELOGRAM_DISTANCES))
     patches /= max(float(np.linalg.norm(patches)), 1e-12)
     return np.concatenate([colours, patches]).astype(np.float32)
+
+
+def _quarter_histograms(h0: NDArray[np.int32], h1: NDArray[np.int32], frac: NDArray[np.float32],
+                        sat: NDArray[np.int32], val: NDArray[np.int32]) -> list[NDArray[np.float64]]:
+    """The soft-hue CELL_BINS histogram of each quarter (top-left, top-right, bottom-left, bottom-right; the first
+    half of an odd side the smaller), square-rooted and halved, in one count over the picture: each bin counts its
+    quarter's pixels in the order the quarter alone would, so the sums are those of four separate counts."""
+    rows, cols = h0.shape
+    cn, cs, cv = CELL_BINS
+    cell = cn * cs * cv
+    quarter = ((np.arange(rows) >= rows // 2)[:, None] * 2 + (np.arange(cols) >= cols // 2)[None, :]).ravel()
+    rest = quarter * cell + ((sat * cs >> 8) * cv + (val * cv >> 8)).ravel()
+    counts = (np.bincount(rest + h0.ravel() * cs * cv, weights=1 - frac.ravel(), minlength=4 * cell)
+              + np.bincount(rest + h1.ravel() * cs * cv, weights=frac.ravel(), minlength=4 * cell)).reshape(4, cell)
+    return [np.sqrt(_normalised(c)) / 2 for c in counts]
 
 
 def _normalised(counts: NDArray[np.float64]) -> NDArray[np.float64]:
