@@ -229,14 +229,18 @@ def test_layout_descriptor_sees_where_colours_are_and_how_they_clump():
 
 def _reference_layout(img: Image.Image) -> np.ndarray:
     """The colour layout computed part by part, each quarter sliced and counted on its own (the definition)."""
-    from imgrec.features.color import (
-        CELL_BINS,
-        CORRELOGRAM_DISTANCES,
-        LAYOUT_BINS,
-        _correlogram,
-        _soft_hue_histogram,
-        hsv_pixels,
-    )
+    from imgrec.features.color import CELL_BINS, CORRELOGRAM_DISTANCES, LAYOUT_BINS, _correlogram, hsv_pixels
+
+    def _soft_hue_histogram(h, s, v, bins):  # hue shared between the two nearest hue bins, L1-normalised
+        nh, ns, nv = bins
+        pos = h * np.float32(nh / 256.0) - np.float32(0.5)
+        lo = np.floor(pos)
+        frac = pos - lo
+        h0 = lo.astype(np.int32) % nh
+        rest = (s.astype(np.int32) * ns >> 8) * nv + (v.astype(np.int32) * nv >> 8)
+        out = (np.bincount(h0 * ns * nv + rest, weights=1 - frac, minlength=nh * ns * nv)
+               + np.bincount((h0 + 1) % nh * ns * nv + rest, weights=frac, minlength=nh * ns * nv))
+        return out / max(float(out.sum()), 1e-12)
 
     a = hsv_pixels(img)
     h = a[..., 0].astype(np.float32)

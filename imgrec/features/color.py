@@ -71,21 +71,6 @@ CORRELOGRAM_DISTANCES = (1, 3, 5, 7)
 LAYOUT_DIMS = 128 + 4 * 72 + 128 * len(CORRELOGRAM_DISTANCES)  # 928
 
 
-def _soft_hue_histogram(h: NDArray[np.float32], s: NDArray[np.uint8], v: NDArray[np.uint8],
-                        bins: tuple[int, int, int]) -> NDArray[np.float64]:
-    """A joint HSV histogram whose hue is shared between the two nearest hue bins (circularly), L1-normalised: a
-    colour on a bin's edge does not jump from one bin to the other between two photos of the same thing."""
-    nh, ns, nv = bins
-    pos = h * np.float32(nh / 256.0) - np.float32(0.5)
-    lo = np.floor(pos)
-    frac = pos - lo
-    h0 = lo.astype(np.int32) % nh
-    rest = (s.astype(np.int32) * ns >> 8) * nv + (v.astype(np.int32) * nv >> 8)
-    out = (np.bincount(h0 * ns * nv + rest, weights=1 - frac, minlength=nh * ns * nv)
-           + np.bincount((h0 + 1) % nh * ns * nv + rest, weights=frac, minlength=nh * ns * nv))
-    return out / max(float(out.sum()), 1e-12)
-
-
 def _correlogram(codes: NDArray[np.int32], n: int, distances: tuple[int, ...]) -> NDArray[np.float64]:
     """Auto-correlogram: per colour and distance, the share of its pixels whose neighbour at that distance
     (horizontally and vertically, both ways) has the same colour: how much a colour comes in patches."""
@@ -118,15 +103,16 @@ def layout_descriptor(img: Image.Image | NDArray[np.uint8]) -> NDArray[np.float3
     rows, cols = a.shape[:2]
     nh, ns, nv = LAYOUT_BINS
     hue, sat, val = (a[..., i].astype(np.int32) for i in range(3))
-    # the soft hue (shared by the whole picture's bins and the quarters': both have nh hue bins), computed once
+    # the soft hue: each pixel shared between its two nearest hue bins (circularly), so that a colour on a bin's edge
+    # does not jump from one bin to the other between two photos of the same thing; computed once for the whole
+    # picture and its quarters (both have nh hue bins)
     pos = hue.astype(np.float32) * np.float32(nh / 256.0) - np.float32(0.5)
     lo = np.floor(pos)
     frac = pos - lo
     h0 = lo.astype(np.int32) % nh
     h1 = (h0 + 1) % nh
-    rest = ((sat * ns >> 8) * nv + (val * nv >> 8)).ravel()
-    whole = np.sqrt(_normalised(np.bincount(h0.ravel() * ns * nv + rest, weights=1 - frac.ravel(), minlength=nh * ns * nv)
-                                + np.bincount(h1.ravel() * ns * nv + rest, weights=frac.ravel(), minlength=nh * ns * nv)))
+    whole = np.sqrt(_normalised(_soft_counts(h0, h1, frac, (sat * ns >> 8) * nv + (val * nv >> 8), ns * nv,
+                                             nh * ns * nv)))
     parts = (h0, h1, frac, sat, val)
     for axis, size in ((0, rows), (1, cols)):
         if size < 2:  # a picture 1 px high (wide): its top and bottom (left and right) halves are that row (column)
@@ -148,11 +134,18 @@ def _quarter_histograms(h0: NDArray[np.int32], h1: NDArray[np.int32], frac: NDAr
     rows, cols = h0.shape
     cn, cs, cv = CELL_BINS
     cell = cn * cs * cv
-    quarter = ((np.arange(rows) >= rows // 2)[:, None] * 2 + (np.arange(cols) >= cols // 2)[None, :]).ravel()
-    rest = quarter * cell + ((sat * cs >> 8) * cv + (val * cv >> 8)).ravel()
-    counts = (np.bincount(rest + h0.ravel() * cs * cv, weights=1 - frac.ravel(), minlength=4 * cell)
-              + np.bincount(rest + h1.ravel() * cs * cv, weights=frac.ravel(), minlength=4 * cell)).reshape(4, cell)
-    return [np.sqrt(_normalised(c)) / 2 for c in counts]
+    quarter = (np.arange(rows) >= rows // 2)[:, None] * 2 + (np.arange(cols) >= cols // 2)[None, :]
+    counts = _soft_counts(h0, h1, frac, quarter * cell + (sat * cs >> 8) * cv + (val * cv >> 8), cs * cv, 4 * cell)
+    return [np.sqrt(_normalised(c)) / 2 for c in counts.reshape(4, cell)]
+
+
+def _soft_counts(h0: NDArray[np.int32], h1: NDArray[np.int32], frac: NDArray[np.float32], rest: NDArray[np.int32],
+                 stride: int, n: int) -> NDArray[np.float64]:
+    """Counts of ``n`` bins, each pixel's weight shared between bin ``rest + h0 * stride`` (1 - frac) and bin
+    ``rest + h1 * stride`` (frac); pixels counted in row order."""
+    rest, frac = rest.ravel(), frac.ravel()
+    return (np.bincount(rest + h0.ravel() * stride, weights=1 - frac, minlength=n)
+            + np.bincount(rest + h1.ravel() * stride, weights=frac, minlength=n))
 
 
 def _normalised(counts: NDArray[np.float64]) -> NDArray[np.float64]:

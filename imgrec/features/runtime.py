@@ -34,7 +34,7 @@ from imgrec.features.embed import ModelSpec, ModelUnavailable, file_checksum, sp
 BACKENDS = ("auto", "onnx", "torch")
 EXPORT_VERSION = 1  # bump when the exported graph changes: old files are then not used
 EXPORT_TIMEOUT_S = 900.0
-MICRO_BATCH_PER_THREAD = 2  # images per ONNX Runtime run and thread (OnnxEmbedder.embed; 0 micro_batch: this)
+MICRO_BATCH_PER_THREAD = 2  # images per ONNX Runtime run and thread: OnnxEmbedder's default micro_batch
 
 
 class BackendUnavailable(ModelUnavailable):
