@@ -113,21 +113,27 @@ def test_killed_ingestions_on_s3_resume_to_the_same_lake(s3: object, tmp_path: P
     ingest([photos], Config.load(reference, workers=1), progress=False, build_index=False, log=lambda s: None)
     rng = random.Random(7)
     cmd = [sys.executable, "-m", "imgrec.cli", "ingest", str(photos), "--lake", lake, "--workers", "2",
-           "--commit-every", "2", "--batch-size", "2", "--quiet"]
+           "--commit-every", "2", "--batch-size", "2", "--quiet", "--progress-json"]
     kills = 0
     deadline = time.monotonic() + 400
     while kills < 10 and time.monotonic() < deadline:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            proc.wait(timeout=rng.uniform(0.5, 4.0))
-        except subprocess.TimeoutExpired:
+        # killed a random moment after its first image is handled (not at a random time from its start: a faster
+        # machine, or faster code, finished the whole run before the first kill), so each run leaves work undone
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        working = any(json.loads(line).get("event") == "progress" for line in proc.stdout)
+        if working:
+            time.sleep(rng.uniform(0.0, 0.25))
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            proc.stdout.close()
             kills += 1
             assert len({r[0] for r in _rows(lake)} if Lake(lake).exists else ()) == len(
                 _rows(lake) if Lake(lake).exists else ())  # never an id twice, at any kill
             continue
-        if proc.returncode == 0:  # finished before its kill: make the next run have work again
+        proc.stdout.close()
+        if proc.wait() == 0:  # finished before its kill: nothing left to interrupt
             break
     assert kills >= 5, kills
     final = _cli(*cmd[3:])
