@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 
 from imgrec import ui
-from imgrec.config import DISTANCES, MEASURES
+from imgrec.measures import MEASURES, distances_on
 
 log = logging.getLogger("imgrec.app")
 
@@ -224,7 +224,7 @@ def _options(status: ui.LakeStatus) -> dict[str, Any]:
         distance = None
     else:
         index = status.engine.index if status.engine is not None else None
-        offered = [d for d in DISTANCES[measure] if d != "layout" or (index is not None and index.layout is not None)]
+        offered = distances_on(index, measure)
         distance = c2.selectbox("Distance", offered, key=f"distance_{measure}",
                                 help="layout: colours and where they are (a few regions) and how they clump; "
                                      "the others compare one colour histogram" if measure == "color" else None)
@@ -264,7 +264,7 @@ def _filters(status: ui.LakeStatus, opts: dict[str, Any]) -> None:
             "color": st.slider("colour", 0.0, 1.0, float(defaults.get("color", 0.05)), 0.05, key="w_color"),
             "hash": st.slider("hash", 0.0, 1.0, float(defaults.get("hash", 0.3)), 0.05, key="w_hash"),
         }
-        applied = status.engine.mix_weights(status.engine.index, weights) if status.engine.index is not None \
+        applied = status.engine.mix(weights).weights_on(status.engine.index) if status.engine.index is not None \
             else weights
         agreement = (status.engine.index.meta.get("color_agreement") or {}).get("value") \
             if status.engine.index is not None else None

@@ -12,7 +12,7 @@ import streamlit as st
 
 from imgrec import profiling as prof
 from imgrec import ui
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 log = logging.getLogger("imgrec.app")
 

@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 from imgrec import jobs, ui
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 PER_PAGE = 12
 JOB_KEY = "join_params"  # the parameters of the join this session started or opened

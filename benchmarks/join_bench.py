@@ -30,7 +30,7 @@ def one(lake: str, measure: str, k: int | None, threshold: float | None, sample:
 
     from imgrec import join as J
     from imgrec.config import Config
-    from imgrec.search import Engine, default_distance, one_blas_thread
+    from imgrec.search import Engine, one_blas_thread
 
     engine = Engine(Config.load(lake))
     t0 = time.perf_counter()
@@ -61,8 +61,7 @@ def one(lake: str, measure: str, k: int | None, threshold: float | None, sample:
             a = int(idx.ids[r])
             got = set(right[left == a].tolist()) | set(left[right == a].tolist())  # listed once, either way round
             per = J.pair_similarities(idx, np.full(idx.size - 1, r), every[every != r])
-            score = per[measure] if measure != "mix" else engine.mix(
-                idx, {m: per[m] for m in weights}, weights, {m: default_distance(idx, m) for m in per})[0]
+            score = per[measure] if measure != "mix" else engine.mix(weights).fuse(idx, {m: per[m] for m in weights})[0]
             best = idx.ids[every[every != r][np.argsort(-score, kind="stable")[:k]]]
             mine = set(right[left == a].tolist())
             hits.append(len(set(best.tolist()) & (mine | got)) / k)

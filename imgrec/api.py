@@ -21,7 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
 from imgrec import access
-from imgrec.config import MAX_QUERY_IMAGES, MEASURES
+from imgrec.config import MAX_QUERY_IMAGES
+from imgrec.measures import MEASURES
 from imgrec.search import Engine, Query, QueryError
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024

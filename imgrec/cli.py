@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any
 
-from imgrec.config import DISTANCES, MEASURES, Config
+from imgrec.config import Config
+from imgrec.measures import DISTANCES, MEASURES
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> Config:

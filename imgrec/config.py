@@ -9,14 +9,7 @@ from pathlib import Path
 DEFAULT_LAKE = Path("data") / "lake"
 LAKE_ENV = "IMGREC_LAKE"
 
-MEASURES = ("color", "hash", "embedding", "mix")
-MAX_QUERY_IMAGES = 5
-DISTANCES = {
-    "color": ("layout", "hellinger", "chi2", "intersection", "emd"),  # layout: where the index has it (else hellinger)
-    "hash": ("phash+dhash", "phash", "dhash"),
-    "embedding": ("cosine", "euclidean", "manhattan"),
-    "mix": ("fused",),
-}
+MAX_QUERY_IMAGES = 5  # the measures and their distances: imgrec.measures (MEASURES, DISTANCES)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -111,6 +104,23 @@ class Config:
     @classmethod
     def load(cls, lake: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
         return cls(lake=resolve_lake(lake), **overrides)  # type: ignore[arg-type]
+
+    def to_json(self) -> str:
+        """Every field as JSON (for a job in a child process: ``from_json`` gives this object back)."""
+        import json
+        from dataclasses import asdict
+
+        return json.dumps({**asdict(self), "lake": str(self.lake)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        import json
+
+        values = json.loads(text)
+        lake = values.pop("lake")
+        values["color_bins"] = tuple(values["color_bins"])
+        values["mix_weights"] = tuple((m, float(w)) for m, w in values["mix_weights"])
+        return cls(lake=resolve_lake(lake), **values)
 
     def with_(self, **changes: object) -> Config:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from imgrec import metrics
-from imgrec.config import MEASURES
 from imgrec.lake import Lake
+from imgrec.measures import MEASURES
 
 TRANSFORMS = ("resize", "jpeg", "crop", "brightness", "rotate", "flip", "grayscale")
 MULTI_SIZES = (2, 3, 5)

@@ -281,12 +281,10 @@ class IndexSet:
 
         return open_searcher(self.path)
 
-    def serve_from(self, lake: Lake, address: str, timeout_s: float) -> None:
-        """Search the shards through the actors serving them on the Ray cluster at ``address``
-        (``imgrec.shard_actors``), started there if absent."""
-        from imgrec.shard_actors import RayShards
-
-        self.__dict__["searcher"] = RayShards(lake, self.path, address, timeout_s)
+    def use(self, searcher: Searcher) -> None:
+        """Search the graphs through ``searcher`` instead of this folder's own (the shards served by Ray actors,
+        ``imgrec.shard_actors.RayShards``)."""
+        self.__dict__["searcher"] = searcher
 
     def knn(self, graph: str, X: NDArray[np.floating], count: int, ef: int, threads: int) -> list[NDArray[np.int64]]:
         """Per row of ``X``, the rows of its ``count`` nearest images in ``graph`` (best first)."""

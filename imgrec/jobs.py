@@ -26,7 +26,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgrec.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNNING = ("starting", "running", "stopping")
@@ -204,6 +207,22 @@ class Job:
 
 _JOBS: dict[str, Job] = {}
 _LOCK = threading.Lock()
+
+
+def build_index(config: Config) -> None:
+    """The index of the lake's current snapshot, built by a job in a child process (``python -m pipelines.index``,
+    the config passed whole) and waited for: what an engine does with a stale index, the offline pipelines never
+    imported by the query path. LakeError with the job's last line if it fails."""
+    from imgrec.lake import LakeError
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", ""))
+                                                      if p)}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.index"], input=config.to_json(), text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(PROJECT_ROOT))
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        last = lines[-1].removeprefix("imgrec: error: ") if lines else f"exit status {proc.returncode}"
+        raise LakeError(f"building the index failed: {last}")
 
 
 def _key(lake: str | os.PathLike[str]) -> str:

@@ -4,7 +4,7 @@ as batched searches through the index: memory is bounded by the batch, never by 
 
 A pair's score is the search's score of one image against another without query expansion, so it is the same both
 ways: embedding cosine in the index's space, colour 1 - Hellinger, hash 1 - Hamming / 128, mix their normalised
-weighted mean (``Engine.mix``). A right side of up to ``EXACT_RIGHT`` images is scored exactly (every pair, in
+weighted mean (``imgrec.measures.Mix``). A right side of up to ``EXACT_RIGHT`` images is scored exactly (every pair, in
 blocks); a larger one is searched through the HNSW graphs (and, for near-duplicates, the multi-index hashing table),
 then the candidates are scored exactly. A self-join (both sides the same set) leaves each image's own match out and
 lists each pair once, under the image of the two that comes first.
@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from imgrec import measures
 from imgrec import similarity as sim
-from imgrec.config import MEASURES
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from imgrec.config import Config
     from imgrec.index import IndexSet
     from imgrec.search import Engine
 
@@ -79,63 +80,38 @@ def side(engine: Engine, spec: str) -> Side:
     return Side(spec, idx.rows(ids) if ids.size else np.empty(0, np.int64))
 
 
-# --- pair scores (pure, vectorised) ---------------------------------------------------------------------------------
+# --- pair scores ------------------------------------------------------------------------------------------------------
 
 
 class Features:
-    """The index's features as pairs are scored, prepared once per join: the stored embeddings with their inverse
-    norms, the colour (the unit layout vectors, or for an index without them the square roots of the histograms),
-    the hashes (in memory: about 0.5 KB per image)."""
+    """The measures as pairs are scored (each at its default distance, ``imgrec.measures``), with what each reuses
+    over the whole join prepared once (the embeddings' inverse norms, the unit colour layouts or the histograms'
+    square roots, the hashes: a few hundred bytes an image in memory; the float16 embeddings stay mapped)."""
 
-    def __init__(self, idx: IndexSet) -> None:
-        self.emb = idx.embeddings  # float16, memory-mapped
-        norms = np.concatenate([np.linalg.norm(np.asarray(idx.embeddings[i : i + 65536], dtype=np.float32), axis=1)
-                                for i in range(0, idx.size, 65536)]) if idx.size else np.empty(0, np.float32)
-        self.inv = (1.0 / np.maximum(norms, 1e-12)).astype(np.float32)
-        self.layout = None if idx.layout is None else sim.l2_normalize(np.asarray(idx.layout, dtype=np.float32))
-        self.sqrt_color = np.sqrt(np.asarray(idx.color, dtype=np.float32)) if self.layout is None else None
-        self.hashes = np.ascontiguousarray(idx.hashes)
+    def __init__(self, idx: IndexSet, config: Config | None = None) -> None:
+        from imgrec.config import Config
+
+        self.idx = idx
+        self.measures = measures.singles(idx, config or Config())
+        self.states = {m: measure.join_state(idx) for m, measure in self.measures.items()}
 
     def pairs(self, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:
         """Every measure's similarity of the pairs (a[i], b[i]) of index rows, as the search computes them."""
         if a.size == 0:
-            return {m: np.empty(0, np.float32) for m in ("embedding", "color", "hash")}
-        ea, eb = np.asarray(self.emb[a], dtype=np.float32), np.asarray(self.emb[b], dtype=np.float32)
-        cos = np.einsum("ij,ij->i", ea, eb) * self.inv[a] * self.inv[b]
-        if self.layout is not None:  # the colour measure's default distance where the index has the layout
-            color = sim.to_similarity("color", "layout", np.einsum("ij,ij->i", self.layout[a], self.layout[b]))
-        else:
-            diff = self.sqrt_color[a] - self.sqrt_color[b]
-            color = sim.to_similarity("color", "hellinger",
-                                      np.clip(np.sqrt(0.5 * np.einsum("ij,ij->i", diff, diff)), 0.0, 1.0))
-        ham = np.bitwise_count(self.hashes[a] ^ self.hashes[b]).sum(axis=1)
-        return {"embedding": sim.to_similarity("embedding", "cosine", cos),
-                "color": color,
-                "hash": sim.to_similarity("hash", "phash+dhash", ham, dim=128)}
+            return {m: np.empty(0, np.float32) for m in self.measures}
+        return {m: measure.pairs(self.idx, self.states[m], a, b) for m, measure in self.measures.items()}
+
+    def graph_queries(self, measure: str, rows: NDArray[np.int64]) -> NDArray[np.float32]:
+        return self.measures[measure].graph_queries(self.idx, self.states[measure], rows)
+
+    @property
+    def hashes(self) -> NDArray[np.uint64]:
+        return self.states["hash"]
 
 
 def pair_similarities(idx: IndexSet, a: NDArray[np.int64], b: NDArray[np.int64]) -> dict[str, NDArray[np.float32]]:
     """Every measure's similarity of the pairs (a[i], b[i]) of index rows (``Features.pairs`` for one call)."""
     return Features(idx).pairs(np.asarray(a, np.int64), np.asarray(b, np.int64))
-
-
-def _dense(idx: IndexSet, measure: str, a: NDArray[np.int64], r: NDArray[np.int64]) -> NDArray[np.float32]:
-    """(len(a), len(r)) similarities under one single measure, for the exact scoring of a small right side."""
-    if measure == "embedding":
-        ea = sim.l2_normalize(np.asarray(idx.embeddings[a], dtype=np.float32))
-        er = sim.l2_normalize(np.asarray(idx.embeddings[r], dtype=np.float32))
-        return np.clip(ea @ er.T, 0.0, 1.0)
-    if measure == "color" and idx.layout is not None:
-        la = sim.l2_normalize(np.asarray(idx.layout[a], dtype=np.float32))
-        lr = sim.l2_normalize(np.asarray(idx.layout[r], dtype=np.float32))
-        return sim.to_similarity("color", "layout", la @ lr.T)
-    if measure == "color":
-        bc = np.sqrt(np.asarray(idx.color[a], dtype=np.float32)) @ np.sqrt(np.asarray(idx.color[r], dtype=np.float32)).T
-        return (1.0 - np.sqrt(np.clip(1.0 - bc, 0.0, 1.0))).astype(np.float32)
-    ha, hr = np.asarray(idx.hashes[a]), np.asarray(idx.hashes[r])
-    ham = np.bitwise_count(ha[:, None, 0] ^ hr[None, :, 0]).astype(np.int32)
-    ham += np.bitwise_count(ha[:, None, 1] ^ hr[None, :, 1])
-    return (1.0 - ham / 128.0).astype(np.float32)
 
 
 # --- the join ---------------------------------------------------------------------------------------------------------
@@ -155,6 +131,7 @@ class _Plan:
     count: int  # graph candidates per measure
     weights: dict[str, float]
     features: Features
+    mix: measures.Mix
     near: Any = None  # the multi-index hashing table of the near-duplicate radius (mix), or of the range (hash)
     threads: int = 1
 
@@ -163,10 +140,7 @@ def _score(plan: _Plan, a: NDArray[np.int64], b: NDArray[np.int64]) -> tuple[NDA
     per = plan.features.pairs(a, b)
     if plan.measure != "mix":
         return per[plan.measure], per
-    from imgrec.search import default_distance
-
-    dists = {m: default_distance(plan.idx, m) for m in per}
-    fused, _ = plan.engine.mix(plan.idx, {m: per[m] for m in plan.weights}, plan.weights, dists)
+    fused, _ = plan.mix.fuse(plan.idx, {m: per[m] for m in plan.weights})
     return fused, per
 
 
@@ -176,12 +150,9 @@ def _candidates(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], N
     idx = plan.idx
     if plan.exact:  # every pair of the block, as dense matrices; the best (with some slack) scored again below
         if plan.measure == "mix":
-            from imgrec.search import default_distance
-
-            dense = {m: _dense(idx, m, a, plan.right) for m in plan.weights}
-            S, _ = plan.engine.mix(idx, dense, plan.weights, {m: default_distance(idx, m) for m in dense})
+            S, _ = plan.mix.fuse(idx, {m: plan.features.measures[m].dense(idx, a, plan.right) for m in plan.weights})
         else:
-            S = _dense(idx, plan.measure, a, plan.right)
+            S = plan.features.measures[plan.measure].dense(idx, a, plan.right)
         keep = _select(S, plan.k, plan.threshold, a, plan.right, slack=4)
         la, lb = a[keep[0]], plan.right[keep[1]]
     else:
@@ -207,17 +178,12 @@ def _candidates(plan: _Plan, a: NDArray[np.int64]) -> tuple[NDArray[np.int64], N
 
 def _graph(plan: _Plan, measure: str, a: NDArray[np.int64]) -> NDArray[np.int64]:
     """(len(a), count) rows found by a measure's HNSW graph (-1 where fewer), in one batched search."""
-    idx = plan.idx
-    if measure == "embedding":
-        graph, X = "embedding", np.asarray(idx.embeddings[a], dtype=np.float32)
-    elif measure == "color" and idx.layout is not None:
-        graph, X = "layout", plan.features.layout[a]
-    elif measure == "color":
-        graph, X = "color", np.sqrt(np.asarray(idx.color[a], dtype=np.float32))
-    else:
+    idx, m = plan.idx, plan.features.measures[measure]
+    if m.graph is None:
         return _scan_hash(plan, a)
+    X = plan.features.graph_queries(measure, a)
     count = min(plan.count, idx.size)
-    hits = idx.searcher.knn(graph, np.asarray(X, dtype=np.float32), count, GRAPH_EF, plan.threads)
+    hits = idx.searcher.knn(m.graph, np.asarray(X, dtype=np.float32), count, GRAPH_EF, plan.threads)
     out = np.full(hits.keys.shape, -1, dtype=np.int64)
     valid = hits.keys >= 0
     out[valid] = idx.rows(hits.keys[valid])
@@ -299,8 +265,8 @@ def join_pairs(engine: Engine, left: str, right: str, measure: str = "embedding"
     ``on_progress(done, total)``: left images handled so far."""
     import pyarrow as pa
 
-    if measure not in MEASURES:
-        raise JoinError(f"unknown measure {measure!r}: choose one of {', '.join(MEASURES)}")
+    if measure not in measures.MEASURES:
+        raise JoinError(f"unknown measure {measure!r}: choose one of {', '.join(measures.MEASURES)}")
     if (k is None) == (threshold is None):
         raise JoinError("give either k (the k best in RIGHT for every image of LEFT) or a threshold (every pair "
                         "scoring at least it)")
@@ -308,7 +274,7 @@ def join_pairs(engine: Engine, left: str, right: str, measure: str = "embedding"
         raise JoinError("k must be at least 1")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise JoinError("the threshold is a score between 0 and 1")
-    idx = engine._require_index()
+    idx = engine.require_index()
     L, R = side(engine, left), side(engine, right)
     in_right = np.zeros(idx.size, dtype=bool)
     in_right[R.rows] = True
@@ -319,7 +285,7 @@ def join_pairs(engine: Engine, left: str, right: str, measure: str = "embedding"
     scale = int(np.ceil(idx.size / max(R.rows.size, 1))) if not exact else 1
     count = min(max(candidates, 4 * (k or 0)) * min(scale, 16), idx.size)
     plan = _Plan(engine, idx, measure, k, threshold, R.rows, in_right, self_join, exact, count, weights,
-                 Features(idx))
+                 Features(idx, engine.config), measures.mix(idx, engine.config, weights))
     if not exact and (measure == "mix" and "hash" in weights or measure == "hash" and threshold is not None):
         from imgrec.mih import RadiusIndex
 
@@ -411,11 +377,16 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: list[Any
 
 
 def join(engine: Engine, left: str, right: str, measure: str = "embedding", **options: Any) -> pa.Table:
-    """The whole join as one Arrow table of ``COLUMNS`` (``join_pairs``'s batches together)."""
+    """The whole join as one Arrow table of ``COLUMNS`` (``join_pairs``'s batches together): for every image of
+    ``left`` its ``k`` best in ``right``, or every pair scoring at least ``threshold``. Sides: ``all``, a collection,
+    or ``COLLECTION/FOLDER``."""
     import pyarrow as pa
 
+    from imgrec.search import one_blas_thread
+
     t0 = time.perf_counter()
-    batches = list(join_pairs(engine, left, right, measure, **options))
+    with one_blas_thread():
+        batches = list(join_pairs(engine, left, right, measure, **options))
     table = pa.Table.from_batches(batches, schema=schema()) if batches else schema().empty_table()
     return table.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.3f}"})
 

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from imgrec import measures
 from imgrec import similarity as sim
+from imgrec.measures import SINGLES
 
-SINGLES = ("embedding", "color", "hash")
 COLOR_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 EMBEDDING_WEIGHT, HASH_WEIGHT = 0.85, 0.3
 TIE = 1e-4  # mAP differences below this are ties (then the higher mean mAP wins)
@@ -89,10 +90,7 @@ def collect(dataset: str | os.PathLike[str], *, label_by: str = "csv", limit: in
     queries = np.arange(ids.size) if not limit or limit >= ids.size else np.sort(
         rng.choice(ids.size, limit, replace=False))
     idx = engine.index
-    from imgrec.search import default_distance
-
-    base = {m: float(idx.meta.get("baselines", {}).get(m, {}).get(default_distance(idx, m), 0.0)) for m in SINGLES}
-    base["hash"] = 1.0 - engine.config.near_duplicate_bits / 128
+    base = {m: measure.baseline(idx) for m, measure in measures.singles(idx, engine.config).items()}
     agreement = idx.meta.get("color_agreement", {}).get("value")
     # the scores of one index and one query sample are searched once (a later run of other fusions reads them)
     cache = engine.lake.local_dir("reports") / f"lodo-scores-{idx.path.name}-{queries.size}-{seed}-{label_by}.npz"

@@ -93,7 +93,7 @@ class ShardServer:
 
 def connect(address: str) -> Any:
     """Ray, connected to the cluster at ``address`` (a process already connected is used as it is)."""
-    from pipelines.distributed import connect as ray_connect
+    from imgrec.raycluster import connect as ray_connect
 
     return ray_connect(address)[0]
 
@@ -114,7 +114,7 @@ def ensure_actors(lake: Lake, index_path: Path, *, wait_s: float = 300.0) -> lis
     absent, each once its shard is loaded. Ray must be connected (``connect``)."""
     import ray
 
-    from pipelines.distributed import driver_env
+    from imgrec.raycluster import driver_env
 
     spec, snap = _spec(index_path), index_path.name
     cls = ray.remote(ShardServer)

@@ -28,10 +28,10 @@ import numpy as np
 
 from imgrec.config import Config
 from imgrec.lake import LakeError
+from imgrec.raycluster import connect
 
 OOM_HINT = "lower --batch-size"
 TASK_RETRIES = 3  # a decoding task whose worker or node dies is run again this many times
-ENV_PREFIXES = ("AWS_", "IMGREC_", "HF_HUB_OFFLINE")  # what the workers need of the driver's environment
 FAULT_OOM_ENV = "IMGREC_FAULT_EMBED_OOM"  # tests: an embedding actor raises torch's out-of-memory error
 
 
@@ -44,37 +44,6 @@ class Cluster:
     nodes: int
     started: bool
     address: str
-
-
-def driver_env() -> dict[str, str] | None:
-    """The ``runtime_env`` that gives Ray's workers (and actors) the driver's S3 and imgrec settings."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    return {"env_vars": env} if env else None
-
-
-def connect(address: str | None) -> Any:
-    """Ray, connected to the cluster at ``address``, or (None) to a private instance on 127.0.0.1 started here;
-    a process already connected is used as it is. (ray, whether this call started an instance)."""
-    try:
-        import ray
-    except ImportError:
-        raise LakeError("Ray is not installed (--engine ray and served shards need it): "
-                        "pip install 'imgrec[ray]' (or pip install 'ray[data]')") from None
-    if ray.is_initialized():
-        return ray, False
-    common: dict[str, Any] = {"runtime_env": driver_env(), "log_to_driver": False, "logging_level": logging.ERROR,
-                              "configure_logging": True}
-    if address:
-        _reachable(address)  # ray.init retries an unreachable address for minutes
-        try:
-            ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise LakeError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-        return ray, False
-    # a private instance: this machine's cores, loopback only, no dashboard, a bounded object store
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-             _node_ip_address="127.0.0.1", object_store_memory=_store_bytes(), **common)
-    return ray, True
 
 
 @contextlib.contextmanager
@@ -96,31 +65,6 @@ def session(address: str | None, log: Callable[[str], None]) -> Iterator[Cluster
     finally:
         if started:  # (a connection to a cluster is left to Ray's exit handler: shutting it down here while Ray
             ray.shutdown()  # Data's threads wind down made the process exit with status 1 after a Ctrl-C)
-
-
-def _reachable(address: str, timeout_s: float = 10.0) -> None:
-    """LakeError unless ``HOST:PORT`` accepts a connection (``auto`` and other forms: left to Ray)."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise LakeError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (is `ray start --head` "
-                        "running there, with that port open?)") from None
-
-
-def _store_bytes() -> int:
-    """The local instance's object store: a tenth of the memory, between 256 MB and 4 GB (Ray's default, 30%, is
-    more than compressed files and crops in flight need)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 * 1024**3
-    return int(min(4 * 1024**3, max(256 * 1024**2, total // 10)))
 
 
 @dataclass(frozen=True)
@@ -159,7 +103,7 @@ def plan_pools(config: Config, cluster: Cluster, backend: str = "onnx") -> Pools
 
 
 def _ensure_worker(init: tuple[Any, ...]) -> Any:
-    from pipelines import ingest as ing
+    from pipelines import extraction as ing
 
     if ing._W.get("init") != init:  # once per worker process (and again for another job's settings)
         ing._init_worker(*init)
@@ -168,7 +112,7 @@ def _ensure_worker(init: tuple[Any, ...]) -> Any:
 
 
 def _extract(batch: dict[str, np.ndarray], init: tuple[Any, ...]) -> dict[str, np.ndarray]:
-    """A CPU task: read and extract each file of the batch (``pipelines.ingest._work``), errors caught per image."""
+    """A CPU task: read and extract each file of the batch (``pipelines.extraction._work``), errors caught per image."""
     ing = _ensure_worker(init)
     out = [pickle.dumps(ing._work(pickle.loads(t)), protocol=5) for t in batch["task"]]
     return {"seq": batch["seq"], "done": np.array(out, dtype=object)}
@@ -190,9 +134,9 @@ class _Embed:
         return {"seq": batch["seq"], "done": np.array([pickle.dumps(d, protocol=5) for d in dones], dtype=object)}
 
     def embed(self, dones: list[Any]) -> None:
-        """Embeds the crops of ``dones`` in place (``pipelines.ingest.embed_crops``); out of memory: the batch size
+        """Embeds the crops of ``dones`` in place (``pipelines.extraction.embed_crops``); out of memory: the batch size
         to lower, in words."""
-        from pipelines.ingest import embed_crops
+        from pipelines.extraction import embed_crops
 
         try:
             embed_crops(dones, self._embed)
@@ -222,7 +166,7 @@ def _decode_embed(batch: dict[str, np.ndarray], init: tuple[Any, ...], job: str,
     Runtime, one thread, ``chunk`` images a call). A file that crashes the decoder natively kills the child, not
     the task: it is retried alone and recorded as skipped with the local engine's reason. Tasks, not actors: a task lost with its node is
     run again on any node, where an actor would wait for a CPU to restart on (none is free in a packed cluster)."""
-    from pipelines import ingest as ing
+    from pipelines import extraction as ing
     from pipelines.workers import WorkerPool
 
     if _POOL.get("job") != job:

@@ -782,3 +782,20 @@ def _write_segment(conn: Any, ids: np.ndarray, locs: np.ndarray, rows: np.ndarra
         os.fsync(fh.fileno())
     os.replace(tmp, store / name)
     return name
+
+
+def main() -> int:
+    """``python -m pipelines.index``: build the index of the lake whose ``Config`` comes as JSON on stdin (the job an
+    engine starts when it finds its index stale, ``imgrec.jobs.build_index``; people run ``imgrec index``)."""
+    import sys
+
+    try:
+        build_indexes(Config.from_json(sys.stdin.read()), log=lambda s: print(s, file=sys.stderr))
+    except LakeError as exc:
+        print(f"imgrec: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

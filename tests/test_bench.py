@@ -12,7 +12,7 @@ import pytest
 from conftest import ingest_quietly, make_collection
 
 from imgrec.bench.runner import BenchOptions, cache_sizes, cpu_identity, parse_sizes, run, vector_extensions
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 N = 300
 

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-
 from conftest import ingest_quietly
+from PIL import Image
 
 BASELINE = "637d643"  # main before imgrec.measures (the engine with a branch per measure)
 ROOT = Path(__file__).resolve().parents[1]

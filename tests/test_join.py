@@ -15,8 +15,9 @@ import pytest
 from conftest import make_collection, save, synthetic_image
 
 from imgrec import join as J
-from imgrec.config import MEASURES, Config
-from imgrec.search import Engine, default_distance
+from imgrec.config import Config
+from imgrec.measures import MEASURES
+from imgrec.search import Engine
 from pipelines.ingest import ingest
 
 COPIES = 8
@@ -55,7 +56,7 @@ def _reference(engine: Engine, left: str, right: str, measure: str, k: int | Non
         per = J.pair_similarities(idx, np.full(b.size, a), b)
         if measure == "mix":
             w = {m: v for m, v in engine.config.weights.items() if v > 0}
-            score, _ = engine.mix(idx, {m: per[m] for m in w}, w, {m: default_distance(idx, m) for m in per})
+            score, _ = engine.mix(w).fuse(idx, {m: per[m] for m in w})
         else:
             score = per[measure]
         order = np.lexsort((idx.ids[b], -score))
@@ -88,17 +89,17 @@ def test_knn_and_range_equal_the_naive_reference(engine: Engine, measure: str, g
     if graphs:  # the search path of large right sides: graphs (and the near-duplicate table) then exact scores
         monkeypatch.setattr(J, "EXACT_RIGHT", 0)
     for left, right in (("copies", "photos"), ("all", "all")):
-        _same(_got(engine.join(left, right, measure, k=3)), _reference(engine, left, right, measure, 3, None))
+        _same(_got(J.join(engine, left, right, measure, k=3)), _reference(engine, left, right, measure, 3, None))
         ref_all = _reference(engine, left, right, measure, None, 0.0)
         cut = float(np.percentile([s for s, _ in ref_all.values()], 90))  # the best tenth of the pairs
         want = _reference(engine, left, right, measure, None, cut)
         if graphs and measure in ("embedding", "color"):  # a range from graph candidates: all of them here
             monkeypatch.setattr(J, "CANDIDATES", 64)
-        _same(_got(engine.join(left, right, measure, threshold=cut)), want)
+        _same(_got(J.join(engine, left, right, measure, threshold=cut)), want)
 
 
 def test_a_self_join_lists_each_pair_once_and_never_an_image_with_itself(engine: Engine) -> None:
-    table = engine.join("all", "all", "embedding", k=4)
+    table = J.join(engine, "all", "all", "embedding", k=4)
     d = table.to_pydict()
     pairs = [frozenset(p) for p in zip(d["left_id"], d["right_id"], strict=True)]
     assert len(pairs) == len(set(pairs)) and all(len(p) == 2 for p in pairs)
@@ -109,7 +110,7 @@ def test_a_self_join_lists_each_pair_once_and_never_an_image_with_itself(engine:
 @pytest.mark.parametrize("measure, within", [("mix", 1), ("hash", 1), ("embedding", 3)])
 def test_resized_copies_find_their_originals_first(engine: Engine, measure: str, within: int) -> None:
     """mix and hash, the measures for copies, put the original first; the embedding (content) near the top."""
-    d = engine.join("copies", "photos", measure, k=within).to_pydict()
+    d = J.join(engine, "copies", "photos", measure, k=within).to_pydict()
     found: dict[str, list[str]] = {}
     for a, b in zip(d["left_path"], d["right_path"], strict=True):
         found.setdefault(Path(a).name, []).append(Path(b).stem)
@@ -120,21 +121,21 @@ def test_resized_copies_find_their_originals_first(engine: Engine, measure: str,
 
 
 def test_sides_by_folder_empty_and_unknown(engine: Engine, tmp_path: Path) -> None:
-    sub = engine.join("copies/sub", "photos", "mix", k=2).to_pydict()
+    sub = J.join(engine, "copies/sub", "photos", "mix", k=2).to_pydict()
     assert set(Path(p).name for p in sub["left_path"]) == {"lonely.jpg"} and len(sub["left_id"]) == 2
-    folder = engine.join("photos/a", "photos/b", "color", k=1).to_pydict()
+    folder = J.join(engine, "photos/a", "photos/b", "color", k=1).to_pydict()
     assert all("/a/" in p for p in folder["left_path"]) and all("/b/" in p for p in folder["right_path"])
-    same = engine.join("photos", "copies", "hash", threshold=1.0).to_pydict()  # identical hashes: copies only
+    same = J.join(engine, "photos", "copies", "hash", threshold=1.0).to_pydict()  # identical hashes: copies only
     assert all(Path(b).stem == f"copy_{int(Path(a).stem[4:]):02d}" for a, b in
                zip(same["left_path"], same["right_path"], strict=True)) and all(s == 1.0 for s in same["score_hash"])
     with pytest.raises(J.JoinError, match="not a collection of the lake"):
-        engine.join("nope", "photos", k=1)
+        J.join(engine, "nope", "photos", k=1)
     with pytest.raises(J.JoinError, match="no folder"):
-        engine.join("photos/zzz", "photos", k=1)
+        J.join(engine, "photos/zzz", "photos", k=1)
     with pytest.raises(J.JoinError, match="either k"):
-        engine.join("all", "all")
+        J.join(engine, "all", "all")
     with pytest.raises(J.JoinError, match="more than 10 pairs"):
-        engine.join("all", "all", "color", threshold=0.0, max_pairs=10)
+        J.join(engine, "all", "all", "color", threshold=0.0, max_pairs=10)
     # an empty side: a collection whose images are all gone
     save(synthetic_image(1), tmp_path / "gone" / "x.jpg")
     save(synthetic_image(2), tmp_path / "kept" / "y.jpg")
@@ -149,7 +150,7 @@ def test_sides_by_folder_empty_and_unknown(engine: Engine, tmp_path: Path) -> No
 
 def test_progress_is_reported(engine: Engine) -> None:
     seen = []
-    engine.join("all", "photos", "embedding", k=2, batch=5, on_progress=lambda d, t: seen.append((d, t)))
+    J.join(engine, "all", "photos", "embedding", k=2, batch=5, on_progress=lambda d, t: seen.append((d, t)))
     total = engine.size
     assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 2
 

@@ -19,9 +19,10 @@ import polars as pl
 import pytest
 from conftest import jpeg_bytes, make_collection, save, synthetic_image
 
-from imgrec.config import MEASURES, Config
+from imgrec.config import Config
 from imgrec.index import StaleIndex
 from imgrec.lake import Lake
+from imgrec.measures import MEASURES
 from imgrec.search import Engine, QueryError
 from pipelines.ingest import ingest
 

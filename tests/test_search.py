@@ -193,7 +193,7 @@ def test_history_remembers_searches_and_extra_stages(lake: tuple[Path, Path]) ->
 
 
 def test_every_distance_of_every_measure_runs(engine: Engine) -> None:
-    from imgrec.config import DISTANCES
+    from imgrec.measures import DISTANCES
 
     for measure, distances in DISTANCES.items():
         for d in distances:
@@ -323,13 +323,15 @@ def test_result_metadata_comes_from_the_index_and_matches_duckdb(engine: Engine)
             m["path"], m["collection"], m["relpath"], m["width"], m["height"], m["label"])
 
 
-def test_the_middle_of_several_query_images() -> None:
+def test_the_middle_of_several_query_images(engine: Engine) -> None:
     from imgrec.search import QueryFeatures, _centroid
 
     words = [(0b1011, 2**63 + 1), (0b0011, 2**63), (0b1000, 1)]
-    feats = [QueryFeatures(np.eye(4, dtype=np.float32)[i], np.array(w, np.uint64), np.eye(3, dtype=np.float32)[i])
-             for i, w in enumerate(words)]
-    mid = _centroid(feats)
-    assert mid.hashes.tolist() == [0b1011, 2**63 + 1]  # each bit as most query images have it
-    assert np.allclose(mid.hist, [1 / 3, 1 / 3, 1 / 3, 0]) and np.allclose(mid.emb, np.ones(3) / np.sqrt(3))
-    assert _centroid([feats[0], QueryFeatures(feats[1].hist, feats[1].hashes, None)]).emb is None
+    feats = [QueryFeatures({"hist": np.eye(4, dtype=np.float32)[i], "hashes": np.array(w, np.uint64),
+                            "emb": np.eye(3, dtype=np.float32)[i]}) for i, w in enumerate(words)]
+    mid = _centroid(engine.index, feats)
+    assert mid.get("hashes").tolist() == [0b1011, 2**63 + 1]  # each bit as most query images have it
+    assert np.allclose(mid.get("hist"), [1 / 3, 1 / 3, 1 / 3, 0])
+    assert np.allclose(mid.get("emb"), np.ones(3) / np.sqrt(3))
+    partial = QueryFeatures({"hist": feats[1].get("hist"), "hashes": feats[1].get("hashes")})
+    assert _centroid(engine.index, [feats[0], partial]).get("emb") is None

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import make_collection, save, synthetic_image
 
-from pipelines.ingest import FAULT_ENV
+from pipelines.extraction import FAULT_ENV
 from pipelines.workers import WorkerPool, crash_reason
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 REPORTS_ENV = "IMGREC_BENCH_REPORTS"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrec.bench.common import REPO, T0_ENV, default_work, make_logger, run_child
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 SECTIONS = ("search", "e2e", "cold", "ingest")
 PRESETS: dict[str, dict[str, Any]] = {

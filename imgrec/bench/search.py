@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from imgrec.bench.common import Log, child_main, make_logger, memory, stats
-from imgrec.config import MEASURES
+from imgrec.measures import MEASURES
 
 EXPANDING = ("embedding", "color", "mix")  # measures query expansion can change (colour: its layout)
 VARIANT_KW: dict[str, dict[str, Any]] = {"default": {}, "no_expand": {"expand": False}}
