@@ -1,6 +1,6 @@
 """The imgrec app: `streamlit run app.py`. It opens on Search, the job people come for; the other pages are in
-app_pages/ (not pages/: Streamlit would list that folder's files as pages of their own too) and in the sidebar. The lake: the sidebar's field, else $IMGREC_LAKE, else data/lake, the same for
-every page.
+pages/, listed once each in the sidebar by ``st.navigation`` (once it runs, Streamlit ignores the folder's own automatic
+listing). The lake: the sidebar's field, else $IMGREC_LAKE, else data/lake, the same for every page.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from __future__ import annotations
 import streamlit as st
 
 PAGES = [  # (file, title, icon); the first is where the app opens
-    ("app_pages/1_Search.py", "Search", ":material/image_search:"),
-    ("app_pages/2_Collection.py", "Collection", ":material/photo_library:"),
-    ("app_pages/6_Join.py", "Join", ":material/join_inner:"),
-    ("app_pages/4_Explorer.py", "Explorer", ":material/scatter_plot:"),
-    ("app_pages/5_Quality.py", "Quality", ":material/fact_check:"),
-    ("app_pages/3_Profiling.py", "Profiling", ":material/speed:"),
-    ("app_pages/0_Lake.py", "Lake", ":material/database:"),
+    ("pages/1_Search.py", "Search", ":material/image_search:"),
+    ("pages/2_Collection.py", "Collection", ":material/photo_library:"),
+    ("pages/6_Join.py", "Join", ":material/join_inner:"),
+    ("pages/4_Explorer.py", "Explorer", ":material/scatter_plot:"),
+    ("pages/5_Quality.py", "Quality", ":material/fact_check:"),
+    ("pages/3_Profiling.py", "Profiling", ":material/speed:"),
+    ("pages/0_Lake.py", "Lake", ":material/database:"),
 ]
 
 st.set_page_config(page_title="imgrec", page_icon=":material/image_search:", layout="wide")

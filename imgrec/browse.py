@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from imgrec.search import _dicts
+from imgrec.catalog import dicts as _dicts
 
 if TYPE_CHECKING:
     from imgrec.search import Engine

@@ -382,7 +382,7 @@ def join(engine: Engine, left: str, right: str, measure: str = "embedding", **op
     or ``COLLECTION/FOLDER``."""
     import pyarrow as pa
 
-    from imgrec.search import one_blas_thread
+    from imgrec.blas import one_blas_thread
 
     t0 = time.perf_counter()
     with one_blas_thread():

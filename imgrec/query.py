@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from imgrec.index import IndexSet
 
 UPLOAD_CACHE = 64  # features of the last uploaded images, by content hash
+HISTORY = 2000  # searches remembered per engine for the profiling page
 
 
 class QueryError(ValueError):
@@ -125,6 +126,38 @@ class Timer:
         t = time.perf_counter()
         self.ms[stage] = round(self.ms.get(stage, 0.0) + (t - self._t) * 1000.0, 3)
         self._t = t
+
+
+class History:
+    """The last searches of an engine (the Profiling page reads them): measure, query images, timings per stage."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._number = 0
+
+    def remember(self, resp: SearchResponse, uploads: int, size: int) -> int:
+        """Keep a search; its number (``SearchResponse.query_id``)."""
+        with self._lock:
+            self._number += 1
+            self._entries.append({
+                "query_id": self._number, "at": time.time(), "measure": resp.measure, "distance": resp.distance,
+                "n_queries": len(resp.queries), "n_negatives": len(resp.negatives), "uploads": uploads,
+                "k": resp.k, "results": len(resp.results), "candidates": resp.candidates, "size": size,
+                "timings_ms": dict(resp.timings_ms),
+            })
+            return self._number
+
+    def record_stage(self, query_id: int, stage: str, ms: float) -> None:
+        with self._lock:
+            for entry in reversed(self._entries):
+                if entry["query_id"] == query_id:
+                    entry["timings_ms"][stage] = round(float(ms), 3)
+                    return
+
+    def entries(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{**e, "timings_ms": dict(e["timings_ms"])} for e in self._entries]
 
 
 class Featurizer:

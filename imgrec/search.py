@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,19 +22,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from imgrec import measures
+from imgrec import catalog, measures
 from imgrec import similarity as sim
+from imgrec.blas import one_blas_thread
 from imgrec.config import MAX_QUERY_IMAGES, Config
 from imgrec.index import IndexSet, StaleIndex
 from imgrec.lake import Lake, LakeConnection, LakeError, Manifest
 from imgrec.measures import Measure, MeasureError, QueryFeatures, default_distance
-from imgrec.query import Featurizer, ModelMismatch, Query, QueryError, Result, SearchResponse, Timer
+from imgrec.query import Featurizer, History, ModelMismatch, Query, QueryError, Result, SearchResponse, Timer
 
 __all__ = ["Engine", "ModelMismatch", "Query", "QueryError", "QueryFeatures", "Result", "SearchResponse",
            "default_distance", "get_engine", "one_blas_thread"]
 
 MAX_RANGE_RESULTS = 1000
-HISTORY = 2000  # searches remembered per engine for the profiling page
 
 
 class Engine:
@@ -56,10 +55,9 @@ class Engine:
         self.index: IndexSet | None = None
         self.open_ms: dict[str, float] = {}
         self.startup_ms: dict[str, float] = {}  # first open (index_open, duckdb), model_load; callers may add imports
-        self._history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self._history = History()
         self._filter_cache: dict[tuple[Any, ...], NDArray[np.int64]] = {}  # (snapshot, filters) -> rows
         self._featurizer = Featurizer(self.config, self.embedder, self._query_pool)
-        self._query_no = 0
         self.refresh()
         self.startup_ms.update(self.open_ms)
 
@@ -295,7 +293,7 @@ class Engine:
         excluded = set(int(i) for i in exclude_ids)
         if exclude_query:
             excluded |= {f.image_id for f in all_feats if f.image_id is not None}
-            excluded |= self._ids_with_hashes([f.content_hash for f in all_feats if f.content_hash])
+            excluded |= catalog.ids_with_hashes(self.cursor, [f.content_hash for f in all_feats if f.content_hash])
         allowed = self._allowed_rows(idx, collections, folders, labels)
         per_query = max(self.config.candidates, 2 * k, MAX_RANGE_RESULTS if threshold is not None else 0)
         if allowed is not None and allowed.size <= self.config.exact_filter_limit:
@@ -356,40 +354,25 @@ class Engine:
             for r, j in enumerate(order)
         ]
         if with_metadata:  # paths, labels, sizes (evaluations ranking thousands of ids skip it)
-            self._attach_metadata(results, idx, pool[order])
+            catalog.attach_metadata(self.cursor, results, idx, pool[order])
         timer.lap("metadata")
         timer.ms["total"] = round(sum(v for s, v in timer.ms.items() if s != "total"), 3)
         hist = [f.get("hist") for f in feats]
         resp = SearchResponse(results, timer.ms, measure, sel.distance, k, int(pool.size), conn_snapshot,
                               [q.name for q in qs], [q.name for q in negs], [h for h in hist if h is not None])
-        resp.query_id = self._remember(resp, uploads=sum(q.image_id is None for q in qs + negs))
+        resp.query_id = self._history.remember(resp, uploads=sum(q.image_id is None for q in qs + negs),
+                                               size=self.size)
         return resp
 
     # --- what happened: the profiling page reads it -------------------------------------------------------------------
 
-    def _remember(self, resp: SearchResponse, uploads: int) -> int:
-        with self._lock:
-            self._query_no += 1
-            self._history.append({
-                "query_id": self._query_no, "at": time.time(), "measure": resp.measure, "distance": resp.distance,
-                "n_queries": len(resp.queries), "n_negatives": len(resp.negatives), "uploads": uploads,
-                "k": resp.k, "results": len(resp.results), "candidates": resp.candidates, "size": self.size,
-                "timings_ms": dict(resp.timings_ms),
-            })
-            return self._query_no
-
     def record_stage(self, query_id: int, stage: str, ms: float) -> None:
         """Add a stage measured outside the engine (e.g. the app's ``render``) to a remembered search."""
-        with self._lock:
-            for entry in reversed(self._history):
-                if entry["query_id"] == query_id:
-                    entry["timings_ms"][stage] = round(float(ms), 3)
-                    return
+        self._history.record_stage(query_id, stage, ms)
 
     def history(self) -> list[dict[str, Any]]:
         """The last searches of this engine (oldest first): measure, query count, timings per stage in ms, ..."""
-        with self._lock:
-            return [{**e, "timings_ms": dict(e["timings_ms"])} for e in self._history]
+        return self._history.entries()
 
     # --- pieces ----------------------------------------------------------------------------------------------------
 
@@ -397,11 +380,6 @@ class Engine:
         """The mix of this index (its parts at their default distances) with ``weights`` (default: the config's):
         ``fuse`` its parts' similarities, ``weights_on`` the weights it applies here."""
         return measures.mix(self.require_index(), self.config, weights)
-
-    @property
-    def expands(self) -> bool:
-        """Whether embedding queries are expanded by default: where the lake's embedding space is tuned."""
-        return self.index is not None and measures.resolve(self.index, "embedding", None, self.config).tuned(self.index)
 
     def _expand(self, idx: IndexSet, feats: list[QueryFeatures], m: Measure) -> list[QueryFeatures]:
         """Alpha query expansion of each query image's feature of the measure ``m`` with its nearest images
@@ -451,129 +429,28 @@ class Engine:
             cached = self._filter_cache.get(key)
         if cached is not None:
             return cached
-        rows = self._select_rows(idx, collections, folders, labels)
+        rows = catalog.select_rows(self.cursor, idx, collections, folders, labels)
         with self._lock:
             if len(self._filter_cache) >= 32:
                 self._filter_cache.pop(next(iter(self._filter_cache)))
             self._filter_cache[key] = rows
         return rows
 
-    def _select_rows(self, idx: IndexSet, collections: Sequence[str] | None, folders: Sequence[str] | None,
-                     labels: Sequence[str] | None) -> NDArray[np.int64]:
-        where, params = [], []
-        if collections:
-            where.append(f"collection IN ({', '.join('?' * len(collections))})")
-            params += list(collections)
-        if folders:
-            where.append("(" + " OR ".join("(folder = ? OR starts_with(folder, ?))" for _ in folders) + ")")
-            for f in folders:
-                f = f.strip("/")
-                params += [f, f + "/"]
-        if labels:
-            where.append("image_id IN (SELECT image_id FROM labels WHERE label IN (SELECT unnest(?)))")
-            params.append(list(labels))
-        ids = self.cursor().execute(f"SELECT image_id FROM images WHERE {' AND '.join(where)}", params).fetchnumpy()
-        found = np.asarray(ids["image_id"], dtype=np.int64)
-        found = found[np.isin(found, idx.ids)]
-        return idx.rows(np.sort(found)) if found.size else np.empty(0, np.int64)
-
     def lookup_paths(self, paths: Sequence[str]) -> dict[str, int]:
         """image_id of each path that is an image of the lake whose file is unchanged (same size and mtime)."""
-        if not paths or self._snapshot is None:
-            return {}
-        found = self.index.find_paths(list(paths)) if self.index is not None else None
-        if found is None:  # an index without its path table (or none): DuckDB
-            found = {path: {"image_id": image_id, "size_bytes": size, "mtime_ns": mtime_ns}
-                     for path, image_id, size, mtime_ns in self.cursor().execute(
-                         "SELECT path, image_id, size_bytes, mtime_ns FROM images WHERE path IN (SELECT unnest(?))",
-                         [list(paths)]).fetchall()}
-        out = {}
-        for path, row in found.items():
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            if st.st_size == row["size_bytes"] and st.st_mtime_ns == row["mtime_ns"]:
-                out[path] = int(row["image_id"])
-        return out
+        return catalog.lookup_paths(self.cursor, self.index, paths) if paths and self._snapshot is not None else {}
 
     def lookup_ids(self, image_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Metadata rows (with the top label) of images of the lake by id (DuckDB)."""
-        if not image_ids:
-            return {}
-        rows = _dicts(self.cursor().execute(
-            "SELECT i.*, l.label FROM images i LEFT JOIN labels l USING (image_id) "
-            "WHERE i.image_id IN (SELECT unnest(?))", [[int(i) for i in image_ids]]))
-        return {int(r["image_id"]): r for r in rows}
-
-    def _ids_with_hashes(self, hashes: list[str]) -> set[int]:
-        if not hashes:
-            return set()
-        rows = self.cursor().execute(
-            f"SELECT image_id FROM images WHERE content_hash IN ({', '.join('?' * len(hashes))})", hashes).fetchall()
-        return {int(r[0]) for r in rows}
-
-    def _attach_metadata(self, results: list[Result], idx: IndexSet, rows: NDArray[np.int64]) -> None:
-        """From the index's row table (memory-mapped, no query), else from DuckDB."""
-        table = idx.metadata
-        if table is not None:  # value by value: Table.take would import pyarrow.compute (80 ms) in a fresh process
-            cols = {c: table.column(c) for c in ("image_id", "path", "collection", "relpath", "width", "height",
-                                                  "label")}
-            meta = {}
-            for r in rows.tolist():
-                m = {c: col[r].as_py() for c, col in cols.items()}
-                meta[int(m["image_id"])] = m
-        else:
-            meta = self.lookup_ids([r.image_id for r in results])
-        for res in results:
-            m = meta.get(res.image_id)
-            if m:
-                res.path, res.collection, res.relpath, res.width, res.height, res.label = (
-                    m["path"], m["collection"], m["relpath"], m["width"], m["height"], m["label"])
-
-    # --- lookups for the app and the CLI -----------------------------------------------------------------------------
+        return catalog.lookup_ids(self.cursor, image_ids)
 
     def thumbnails(self, image_ids: Sequence[int]) -> dict[int, bytes]:
-        """JPEG thumbnails by image id: from the index's memory-mapped store, else (an older index, an id of
-        another snapshot) from the lake's table through DuckDB."""
-        if not image_ids:
-            return {}
-        out = self.index.thumbnails(list(image_ids)) if self.index is not None else None
-        missing = [int(i) for i in image_ids if out is None or int(i) not in out]
-        out = out or {}
-        if missing:
-            rows = self.cursor().execute(
-                "SELECT image_id, thumb FROM thumbnails WHERE image_id IN (SELECT unnest(?))", [missing]).fetchall()
-            out.update({int(i): bytes(t) for i, t in rows if t is not None})
-        return out
+        """JPEG thumbnails by image id (the index's store, else the lake's table)."""
+        return catalog.thumbnails(self.cursor, self.index, image_ids)
 
     def sample(self, n: int = 24, seed: int = 0) -> list[dict[str, Any]]:
         """A random sample of images (id, path, label) to browse."""
-        return _dicts(self.cursor().execute(
-            "SELECT i.image_id, i.path, i.relpath, l.label FROM images i LEFT JOIN labels l USING (image_id) "
-            f"USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})"))
-
-
-_BLAS: list[Any] = []
-_BLAS_LOCK = threading.Lock()
-
-
-def one_blas_thread() -> Any:
-    """numpy's BLAS (OpenBLAS) on one thread while a search runs: its products are small, and OpenBLAS's idle
-    threads spin for a while after each call, taking the cores the model's threads need (5 uploads: the embedding
-    took 70-97 ms instead of 54-60). A context manager; a no-op where threadpoolctl finds no BLAS."""
-    import contextlib
-
-    with _BLAS_LOCK:
-        if not _BLAS:
-            try:
-                from threadpoolctl import ThreadpoolController
-
-                _BLAS.append(ThreadpoolController())
-            except ImportError:
-                _BLAS.append(None)
-    controller = _BLAS[0]
-    return controller.limit(limits=1, user_api="blas") if controller is not None else contextlib.nullcontext()
+        return catalog.sample(self.cursor, n, seed)
 
 
 def _similarities(idx: IndexSet, m: Measure, feats: Sequence[QueryFeatures], pool: NDArray[np.int64]
@@ -581,12 +458,6 @@ def _similarities(idx: IndexSet, m: Measure, feats: Sequence[QueryFeatures], poo
     if pool.size == 0:
         return np.empty((len(feats), 0), np.float32)
     return m.similarities(idx, feats, pool)
-
-
-def _dicts(cur: Any) -> list[dict[str, Any]]:
-    """The rows of an executed DuckDB cursor as dicts keyed by column name."""
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _centroid(idx: IndexSet, feats: Sequence[QueryFeatures]) -> QueryFeatures:

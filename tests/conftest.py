@@ -52,6 +52,15 @@ def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def app_pages() -> list[tuple[str, str, str]]:
+    """app.py's ``PAGES`` (file, title, icon), read without running the app."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "app.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PAGES")
+    return ast.literal_eval(node.value)
+
+
 def make_collection(root: Path, n: int = 10, start: int = 0) -> list[Path]:
     """n synthetic photos in two sub-folders, mixed formats."""
     paths = []

@@ -122,12 +122,12 @@ def _app(page: str, lake: Path, monkeypatch: pytest.MonkeyPatch, mode: str, pass
 
 
 def test_a_viewer_sees_no_lake_box_and_no_ingest_form(lake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _app("app_pages/2_Collection.py", lake, monkeypatch, "shared").run()
+    at = _app("pages/2_Collection.py", lake, monkeypatch, "shared").run()
     assert not at.exception
     assert [t.label for t in at.sidebar.text_input] == ["Admin password"]  # no "Lake folder"
     assert not any(b.label == "Start" for b in at.button) and "Folder of images" not in [t.label for t in at.text_input]
     assert any("for the admin" in c.value for c in at.caption)
-    private = _app("app_pages/2_Collection.py", lake, monkeypatch, "private").run()
+    private = _app("pages/2_Collection.py", lake, monkeypatch, "private").run()
     assert "Lake folder" in [t.label for t in private.sidebar.text_input]
     assert any(b.label == "Start" for b in private.button)
 
@@ -136,7 +136,7 @@ def test_a_forged_lake_choice_is_ignored_and_admin_actions_refused(lake: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from imgrec import ui
 
-    at = _app("app_pages/2_Collection.py", lake, monkeypatch, "shared")
+    at = _app("pages/2_Collection.py", lake, monkeypatch, "shared")
     at.session_state[ui.CHOSEN_KEY] = str(lake.parent / "other_lake")  # as a forged widget state would set it
     at.run()
     assert not at.exception
@@ -161,7 +161,7 @@ def test_a_forged_lake_choice_is_ignored_and_admin_actions_refused(lake: Path,
 
 
 def test_the_admin_password_unlocks_a_session(lake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _app("app_pages/2_Collection.py", lake, monkeypatch, "shared").run()
+    at = _app("pages/2_Collection.py", lake, monkeypatch, "shared").run()
     at.sidebar.text_input[0].input("wrong").run()
     assert any("Wrong password" in e.value for e in at.sidebar.error)
     assert not any(b.label == "Start" for b in at.button)
@@ -171,14 +171,14 @@ def test_the_admin_password_unlocks_a_session(lake: Path, monkeypatch: pytest.Mo
     from imgrec import ui
 
     assert at.session_state[ui.PASSWORD_KEY] == ""  # the password is not kept in the session
-    no_password = _app("app_pages/2_Collection.py", lake, monkeypatch, "shared", password=None).run()
+    no_password = _app("pages/2_Collection.py", lake, monkeypatch, "shared", password=None).run()
     assert not no_password.sidebar.text_input and any("No admin password" in c.value
                                                       for c in no_password.sidebar.caption)
 
 
 def test_a_viewer_cannot_make_maps(lake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     label = "Make the map now (UMAP 2D of the embeddings)"
-    viewer = _app("app_pages/4_Explorer.py", lake, monkeypatch, "shared").run()
+    viewer = _app("pages/4_Explorer.py", lake, monkeypatch, "shared").run()
     assert not viewer.exception and not any(b.label == label for b in viewer.button)
-    admin = _app("app_pages/4_Explorer.py", lake, monkeypatch, "private").run()
+    admin = _app("pages/4_Explorer.py", lake, monkeypatch, "private").run()
     assert any(b.label == label for b in admin.button)

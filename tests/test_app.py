@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ingest_quietly
+from conftest import app_pages, ingest_quietly
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1.element_tree import Button
@@ -18,7 +18,7 @@ from imgrec.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
-SEARCH = ROOT / "app_pages" / "1_Search.py"
+SEARCH = ROOT / "pages" / "1_Search.py"
 TIMEOUT = 60  # seconds per script run (the first upload search loads the embedding model)
 RESULT = re.compile(r"^\*\*#(\d+) · (\d\.\d{3})\*\*$")
 
@@ -101,7 +101,7 @@ def search_page() -> AppTest:
     """The app as a browser opens it, then its Search page (from the sidebar's page list)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
-    return at.switch_page("app_pages/1_Search.py").run()
+    return at.switch_page("pages/1_Search.py").run()
 
 
 def texts(at: AppTest) -> str:
@@ -147,7 +147,7 @@ def lake_page() -> AppTest:
     """The app, then its Lake page (the lake at a glance)."""
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
-    return at.switch_page("app_pages/0_Lake.py").run()
+    return at.switch_page("pages/0_Lake.py").run()
 
 
 def test_the_app_opens_on_search_even_on_a_missing_lake(missing_lake: Path) -> None:
@@ -288,7 +288,7 @@ def test_sidebar_lake_overrides_the_environment(filled: tuple[Path, dict[str, by
     at.sidebar.text_input(key="imgrec_lake").input(str(filled[0])).run()
     assert not at.exception and not at.info
     assert {m.label: m.value for m in at.main.metric}["Images"] == "12"
-    at.switch_page("app_pages/1_Search.py").run()
+    at.switch_page("pages/1_Search.py").run()
     assert len(at.multiselect(key="picked").options) == 12  # the page uses the sidebar's lake too
 
 
@@ -425,3 +425,12 @@ def test_result_details_dialog(filled_lake: Path) -> None:
     page = texts(at)
     assert "Palette of this image" in page and "Palette of the query" in page
     assert any(str(filled_lake.parent / "pictures") in c.value for c in at.code)  # the path
+
+
+def test_the_pages_are_those_of_the_pages_folder_each_listed_once() -> None:
+    """The design card's layout: every page a file of pages/, each in st.navigation's list once (so the folder's own
+    automatic listing, which Streamlit ignores once st.navigation runs, never shows a page twice)."""
+    listed = [f for f, _, _ in app_pages()]
+    assert len(listed) == len(set(listed)) and all(f.startswith("pages/") for f in listed)
+    assert sorted(listed) == sorted(f"pages/{p.name}" for p in (ROOT / "pages").glob("*.py"))
+    assert not (ROOT / "app_pages").exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import ingest_quietly, make_collection, save, synthetic_image
+from conftest import app_pages, ingest_quietly, make_collection, save, synthetic_image
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -313,6 +313,9 @@ def test_every_page_renders(page: Page, server: str, artifacts: Path) -> None:
     names = [n for n, _ in pages]
     assert names[0] == "home" and {"Collection", "Join", "Explorer", "Quality", "Profiling", "Lake"} <= set(names), \
         f"sidebar pages: {names}"
+    # each page of pages/ once: st.navigation's list, not Streamlit's automatic listing of that folder beside it
+    titles = [a.inner_text().strip() for a in page.get_by_test_id("stSidebarNavLink").all()]
+    assert sorted(titles) == sorted(title for _, title, _ in app_pages()), f"sidebar links: {titles}"
     for i, (name, url) in enumerate(pages):
         page.goto(url)
         expect(page.get_by_test_id("stMain").locator("h1").first, f"{name}: title").to_be_visible()

@@ -20,7 +20,7 @@ from imgrec.lake import Lake
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
-PAGE = "app_pages/2_Collection.py"
+PAGE = "pages/2_Collection.py"
 TIMEOUT = 60
 
 

@@ -142,12 +142,12 @@ def test_quality_page_without_and_with_a_report(report: dict, tmp_path: Path,
 
     app = Path(__file__).resolve().parents[1] / "app.py"
     monkeypatch.setenv("IMGREC_LAKE", str(tmp_path / "no-lake"))
-    at = AppTest.from_file(app, default_timeout=60).run().switch_page("app_pages/5_Quality.py").run()
+    at = AppTest.from_file(app, default_timeout=60).run().switch_page("pages/5_Quality.py").run()
     assert not at.exception and at.title[0].value == "Quality"
     assert any("No evaluation report" in i.value and "imgrec eval DATASET_DIR" in i.value for i in at.info)
 
     monkeypatch.setenv("IMGREC_LAKE", report["lake"])
-    at = AppTest.from_file(app, default_timeout=60).run().switch_page("app_pages/5_Quality.py").run()
+    at = AppTest.from_file(app, default_timeout=60).run().switch_page("pages/5_Quality.py").run()
     assert not at.exception and not at.error
     assert at.tabs[0].label == report["name"]
     single = at.dataframe[0].value

@@ -162,7 +162,7 @@ def test_app_uploads_of_the_corpus(corpus: tuple[Path, Path, list[Kind], IngestR
 
     folder, lake, kinds, _ = corpus
     monkeypatch.setenv("IMGREC_LAKE", str(lake))
-    at = AppTest.from_file(ROOT / "app_pages" / "1_Search.py", default_timeout=90).run()
+    at = AppTest.from_file(ROOT / "pages" / "1_Search.py", default_timeout=90).run()
     assert not at.exception
     files = uploads(folder, kinds)
     for start in range(0, len(files), 5):

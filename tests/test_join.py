@@ -144,8 +144,8 @@ def test_sides_by_folder_empty_and_unknown(engine: Engine, tmp_path: Path) -> No
     (tmp_path / "gone" / "x.jpg").unlink()
     ingest([tmp_path / "gone", tmp_path / "kept"], cfg, progress=False, log=lambda s: None)
     small = Engine(cfg)
-    assert small.join("gone", "kept", "mix", k=3).num_rows == 0 and small.join("kept", "gone", k=3).num_rows == 0
-    assert small.join("kept", "kept", "embedding", k=3).num_rows == 0  # one image: no other to pair with
+    assert J.join(small, "gone", "kept", "mix", k=3).num_rows == 0 and J.join(small, "kept", "gone", k=3).num_rows == 0
+    assert J.join(small, "kept", "kept", "embedding", k=3).num_rows == 0  # one image: no other to pair with
 
 
 def test_progress_is_reported(engine: Engine) -> None:
@@ -189,7 +189,7 @@ def test_join_page_runs_a_join_in_the_background_and_shows_the_pairs(lake: Path,
 
     monkeypatch.setenv("IMGREC_LAKE", str(lake))
     app = Path(__file__).resolve().parents[1] / "app.py"
-    at = AppTest.from_file(app, default_timeout=120).run().switch_page("app_pages/6_Join.py").run()
+    at = AppTest.from_file(app, default_timeout=120).run().switch_page("pages/6_Join.py").run()
     assert not at.exception and at.title[0].value == "Join"
     assert {"all", "photos", "copies", "photos/a", "copies/sub"} <= set(at.selectbox(key="join_left").options)
     at.selectbox(key="join_left").set_value("copies")

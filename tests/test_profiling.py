@@ -17,7 +17,7 @@ from imgrec.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
-PAGE = "app_pages/3_Profiling.py"
+PAGE = "pages/3_Profiling.py"
 TIMEOUT = 90  # seconds per script run (sample searches with uploads load the model)
 
 

@@ -1,4 +1,4 @@
-"""The map of the collection (pipelines/project.py, imgrec/projection.py, app_pages/4_Explorer.py) on a real lake of
+"""The map of the collection (pipelines/project.py, imgrec/projection.py, pages/4_Explorer.py) on a real lake of
 synthetic images: every image mapped, the same map on a rerun, new images placed by transform without a refit,
 removed images dropped, the metrics on known inputs, atomic writes, the CLI, and the Explorer page (AppTest)."""
 
@@ -250,7 +250,7 @@ def explorer(lake: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     monkeypatch.setenv("IMGREC_LAKE", str(lake))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     assert not at.exception
-    at = at.switch_page("app_pages/4_Explorer.py").run()
+    at = at.switch_page("pages/4_Explorer.py").run()
     assert not at.exception, at.exception
     return at
 

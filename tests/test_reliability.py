@@ -224,7 +224,7 @@ def test_app_sessions_share_one_engine_and_agree(small: tuple[Path, Path], monke
     engine = ui.open_engine(str(lake))
     files = sorted(p for p in photos.rglob("*") if p.is_file())
     n = 4
-    sessions = [AppTest.from_file(ROOT / "app_pages" / "1_Search.py", default_timeout=120).run() for _ in range(n)]
+    sessions = [AppTest.from_file(ROOT / "pages" / "1_Search.py", default_timeout=120).run() for _ in range(n)]
     for i, at in enumerate(sessions):
         at.selectbox(key="measure").set_value(MEASURES[i % 4]).run()
     for i, at in enumerate(sessions):
@@ -293,7 +293,7 @@ def test_add_uploads_to_the_lake(small: tuple[Path, Path], tmp_path: Path, monke
     shutil.copytree(lake0, lake)
     monkeypatch.setenv("IMGREC_LAKE", str(lake))
     good = [jpeg_bytes(synthetic_image(700)), jpeg_bytes(synthetic_image(701))]
-    at = AppTest.from_file(ROOT / "app_pages" / "1_Search.py", default_timeout=120).run()
+    at = AppTest.from_file(ROOT / "pages" / "1_Search.py", default_timeout=120).run()
     at.file_uploader(key="uploads").set_value([
         ("../../../../tmp/evil name.jpg", good[0], "image/jpeg"), ("..\\..\\win.JPG", good[1], "image/jpeg"),
         ("notes.jpg", b"not a picture", "image/jpeg")]).run()

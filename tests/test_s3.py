@@ -185,7 +185,7 @@ def test_the_app_serves_an_s3_lake(s3: object, tmp_path: Path, monkeypatch: pyte
     next(b for b in at.button if b.label == "Search").click().run()
     assert not at.exception and not at.error
     assert len([b for b in at.button if (b.key or "").startswith("more_")]) == 5
-    collection = at.switch_page("app_pages/2_Collection.py").run()
+    collection = at.switch_page("pages/2_Collection.py").run()
     assert not collection.exception and not collection.error
 
 

@@ -174,7 +174,7 @@ def test_the_app_searches_through_served_shards(cluster: Any, lake: Path, monkey
     monkeypatch.setenv("IMGREC_SHARD_ADDRESS", cluster.address)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
     assert not at.exception
-    at = at.switch_page("app_pages/1_Search.py").run()
+    at = at.switch_page("pages/1_Search.py").run()
     ms = at.multiselect(key="picked")
     first = int(ms.options[0].split(" ")[0].lstrip("#"))
     ms.set_value([first])

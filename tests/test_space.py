@@ -16,6 +16,7 @@ from imgrec import similarity as sim
 from imgrec.config import Config
 from imgrec.index import IndexSet, current_dir
 from imgrec.lake import Lake
+from imgrec.measures import Embedding
 from imgrec.search import Engine
 from pipelines.index import build_indexes
 
@@ -60,7 +61,7 @@ def test_stored_vectors_are_the_whitened_neighbourhood_averages(tuned: tuple[Pat
 def test_an_uploaded_copy_finds_its_original_first(tuned: tuple[Path, Path]) -> None:
     root, lake = tuned
     engine = Engine(Config.load(lake, **TUNED), auto_index=False)
-    assert engine.expands
+    assert Embedding("cosine", engine.config).tuned(engine.index)  # embedding queries expanded by default
     for i in (0, 6, 9, 15):  # JPEG originals, re-encoded
         resp = engine.search([jpeg_bytes(synthetic_image(i), 90)], "embedding", k=3)
         assert Path(resp.results[0].path).stem == f"img_{i:03d}"
@@ -115,7 +116,7 @@ def test_a_small_lake_keeps_the_model_vectors(tmp_path: Path) -> None:
     make_collection(root, 8)
     ingest_quietly(root, lake)
     engine = Engine(Config.load(lake))
-    assert not engine.expands and engine.index.whitening is None
+    assert not Embedding("cosine", engine.config).tuned(engine.index) and engine.index.whitening is None
     assert engine.index.embeddings.shape == (8, 1280)
     meta = json.loads((current_dir(Lake(lake)) / "meta.json").read_text())
     assert meta["space"] == {"whitened": False, "dims": 1280, "dba_k": 0}

@@ -305,7 +305,7 @@ def _show_duplicates(status: ui.LakeStatus) -> None:
     st.caption("**Duplicates are the same picture**: exact copies (identical bytes), or near copies (resized, "
                "re-encoded, recompressed; perceptual hashes a few bits apart). Pictures that are only alike (the "
                "same subject, another shot) are not duplicates: find those with the **Search** page.")
-    st.page_link("app_pages/1_Search.py", label="Similar pictures: the Search page", icon=":material/image_search:")
+    st.page_link("pages/1_Search.py", label="Similar pictures: the Search page", icon=":material/image_search:")
     shown = st.select_slider("Groups shown (largest first)", [5, 10, 20, 50, 100, MAX_GROUPS], 10,
                              key="collection_groups_shown")
 

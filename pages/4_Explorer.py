@@ -26,7 +26,7 @@ THUMB_POINTS = 2000  # hover thumbnails only up to this many points
 THUMB_PX = 64
 MAX_3D = 20_000
 REGION_IMAGES = 24
-SEARCH_PAGE = "app_pages/1_Search.py"
+SEARCH_PAGE = "pages/1_Search.py"
 COLOR_BY = {"cluster": "Cluster", "top": "Top folder", "collection": "Collection", "label": "Predicted label",
             "mean": "Mean colour"}
 METHOD_NAMES = {"umap": "UMAP", "tsne": "t-SNE", "pca": "PCA"}

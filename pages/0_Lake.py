@@ -11,7 +11,7 @@ status = ui.page_start("Lake", ":material/database:", need_images=False)
 if status.size == 0:
     ui.empty_lake_message(status)
     if ui.is_admin():
-        st.page_link("app_pages/2_Collection.py", label="Ingest a first folder from the Collection page",
+        st.page_link("pages/2_Collection.py", label="Ingest a first folder from the Collection page",
                      icon=":material/create_new_folder:")
     st.stop()
 
@@ -36,14 +36,14 @@ if manifest is not None:
                f"{manifest.updated_at[:19].replace('T', ' ')} UTC")
 if status.note:
     st.info(status.note)
-st.page_link("app_pages/1_Search.py", label="Search the collection", icon=":material/image_search:")
+st.page_link("pages/1_Search.py", label="Search the collection", icon=":material/image_search:")
 
 st.subheader("Collections")
 st.dataframe([{"collection": c, **({"folder": root} if admin else {}), "images": n, "MB": mb}
               for c, root, n, mb in collections], hide_index=True, width="stretch")
 if admin:
     st.subheader("Add images")
-    st.page_link("app_pages/2_Collection.py", label="Add a folder from the Collection page (progress, stop, resume)",
+    st.page_link("pages/2_Collection.py", label="Add a folder from the Collection page (progress, stop, resume)",
                  icon=":material/photo_library:")
     st.caption("Or from a terminal (walked recursively; running it again only adds what changed):")
     st.code(ui.ingest_command(status.path), language="bash")
