@@ -34,8 +34,11 @@ DISTANCES: dict[str, tuple[str, ...]] = {
 }
 
 
+_CLASSES = {(cls.family, d): cls for cls in REGISTRY for d in cls.distances}
+
+
 def _class(measure: str, distance: str) -> type[Measure]:
-    return next(cls for cls in REGISTRY if cls.family == measure and distance in cls.distances)
+    return _CLASSES[measure, distance]
 
 
 def distances_on(idx: IndexSet | None, measure: str) -> list[str]:
