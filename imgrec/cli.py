@@ -27,19 +27,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                   engine=args.engine or ("ray" if args.address else None),
                   ray_address=args.address, embed_actors=args.embed_actors, ray_stages=args.ray_stages)
     if args.progress_json:  # machine-readable progress on stdout (the app's background ingestion reads it)
-        on_progress, log = _json_progress()
+        on_progress, log, phase = _json_progress()
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines' alone (Ray prints its own there)
             report = ingest(args.roots, cfg, progress=False, on_progress=on_progress, log=log,
-                            build_index=not args.no_index)
+                            build_index=not args.no_index, searchable_early=args.searchable_early)
+            if args.map and not report.interrupted and not args.no_index:
+                _map_after_ingest(cfg, args.map_max, log, progress=False, phase=phase)
         _emit({"event": "report", **report.to_json()})
         return 130 if report.interrupted else 0
-    report = ingest(args.roots, cfg, progress=not args.quiet and sys.stderr.isatty() or args.progress,
-                    build_index=not args.no_index)
+    progress = not args.quiet and sys.stderr.isatty() or args.progress
+    report = ingest(args.roots, cfg, progress=progress, build_index=not args.no_index,
+                    searchable_early=args.searchable_early)
+    if args.map and not report.interrupted and not args.no_index:
+        _map_after_ingest(cfg, args.map_max, lambda s: print(s, file=sys.stderr, flush=True), progress=progress)
     if args.json:  # flushed now: a Ray driver's exit has been seen to drop what stdout still buffered
         print(json.dumps(report.to_json(), indent=1), flush=True)
     else:
         print(report.summary(), flush=True)
     return 130 if report.interrupted else 0
+
+
+def _map_after_ingest(cfg: Any, map_max: int, log: Any, progress: bool, phase: Any = None) -> None:
+    """``imgrec ingest --map``: the Explorer's default map (UMAP 2D of the embeddings), made or brought up to date."""
+    from imgrec.index import IndexSet
+    from imgrec.lake import Lake
+    from pipelines.project import Params, ProjectionRefused, project
+
+    size = IndexSet.open(Lake(cfg.lake)).size
+    if map_max and size > map_max:
+        log(f"imgrec: {size:,} images: make the map with `imgrec project --lake {cfg.lake}` (a few minutes, with "
+            "its progress bar)")
+        return
+    if phase is not None:
+        phase("map", images=size)
+    log(f"imgrec: making the map of {size:,} images (UMAP 2D of the embeddings)")
+    try:
+        meta = project(cfg.lake, "embedding", Params(), progress=progress, log=log)
+    except ProjectionRefused as exc:
+        log(f"imgrec: no map: {exc}")
+        return
+    log(f"imgrec: map {meta['key']}: {meta['status']}, {meta['count']:,} images, "
+        f"{meta.get('timings', {}).get('total', 0.0):.1f} s")
 
 
 def _printable(text: str) -> str:
@@ -51,9 +79,10 @@ def _emit(event: dict[str, Any], out: Any = None) -> None:
     print(json.dumps(event), file=out or sys.stdout, flush=True)
 
 
-def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
+def _json_progress(every_s: float = 0.25) -> tuple[Any, Any, Any]:
     """ingest() callbacks printing one JSON line per progress update (at most one per ``every_s``, and the last one):
-    ``{"event": "progress", "done", "total", "images_per_s", "elapsed_s"}``; log lines also as ``{"event": "log"}``."""
+    ``{"event": "progress", "done", "total", "images_per_s", "elapsed_s"}``; log lines also as ``{"event": "log"}``;
+    and ``phase(name, **details)``: ``{"event": "phase", "phase": name, ...}`` (the map after an ingestion)."""
     import time
 
     t_start, out = time.perf_counter(), sys.stdout  # stdout as it is now (the run may redirect it meanwhile)
@@ -75,7 +104,10 @@ def _json_progress(every_s: float = 0.25) -> tuple[Any, Any]:
         print(message, file=sys.stderr, flush=True)
         _emit({"event": "log", "message": message, "elapsed_s": round(time.perf_counter() - t_start, 2)}, out)
 
-    return on_progress, log
+    def phase(name: str, **details: Any) -> None:
+        _emit({"event": "phase", "phase": name, **details, "elapsed_s": round(time.perf_counter() - t_start, 2)}, out)
+
+    return on_progress, log, phase
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -189,7 +221,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     t_open = time.perf_counter()
     bar, on_progress = None, None
     if args.progress_json:
-        on_progress, _ = _json_progress()
+        on_progress, _, _ = _json_progress()
     elif not args.quiet and sys.stderr.isatty() or args.progress:
         from tqdm import tqdm
 
@@ -342,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embed-actors", type=int,
                     help="--engine ray: embedding actors (default: one per GPU; fused: tasks at a time, one per CPU)")
     sp.add_argument("--no-index", action="store_true", help="do not rebuild the search index at the end")
+    sp.add_argument("--searchable-early", action="store_true",
+                    help="a lake without an index: index the first images at once, then again as the lake doubles, "
+                         "so that searches (the app) find images while the run goes on")
+    sp.add_argument("--map", action="store_true",
+                    help="then make the map the Explorer shows (UMAP 2D of the embeddings; imgrec project)")
+    sp.add_argument("--map-max", type=int, default=0,
+                    help="with --map: only for a lake of at most this many images (0: any size); larger lakes: "
+                         "imgrec project, with its progress bar")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")

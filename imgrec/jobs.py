@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from imgrec.config import Config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MAP_MAX = 50_000  # an ingestion started from the app makes the Explorer's map at its end up to this many images
 RUNNING = ("starting", "running", "stopping")
 _ids = itertools.count(1)
 
@@ -53,6 +54,7 @@ class JobState:
     images_per_s: float = 0.0
     elapsed_s: float = 0.0
     message: str = ""  # the last log line
+    phase: str = "ingest"  # "ingest", then "map" while the Explorer's map is made
     error: str | None = None
     report: dict[str, Any] | None = None
     returncode: int | None = None
@@ -88,6 +90,7 @@ class Job:
     images_per_s: float = 0.0
     elapsed_s: float = 0.0
     message: str = "starting…"
+    phase: str = "ingest"
     error: str | None = None
     report: dict[str, Any] | None = None
     returncode: int | None = None
@@ -132,6 +135,8 @@ class Job:
                     self.message = str(event.get("message", "")).removeprefix("imgrec: ")
                     if self.status == "starting":
                         self.status = "running"
+                elif kind == "phase":
+                    self.phase = str(event.get("phase", self.phase))
                 elif kind == "report":
                     self.report = {k: v for k, v in event.items() if k != "event"}
         assert self._proc is not None
@@ -176,8 +181,8 @@ class Job:
             if self.status in RUNNING:
                 elapsed = time.monotonic() - self.started_at
             return JobState(self.id, self.lake, self.folder, self.status, self.done, self.total, self.images_per_s,
-                            round(elapsed, 1), self.message, self.error, self.report, self.returncode,
-                            tuple(self._log))
+                            round(elapsed, 1), self.message, self.phase, self.error, self.report,
+                            self.returncode, tuple(self._log))
 
     @property
     def running(self) -> bool:
@@ -232,8 +237,9 @@ def _key(lake: str | os.PathLike[str]) -> str:
 
 
 def command(folder: str, lake: str, workers: int | None = None, extra: Sequence[str] = ()) -> list[str]:
-    """The argv of the ingestion subprocess."""
-    argv = [sys.executable, "-m", "imgrec.cli", "ingest", folder, "--lake", lake, "--progress-json", "--quiet"]
+    """The argv of the ingestion subprocess: a new lake searchable while it fills, the Explorer's map at the end."""
+    argv = [sys.executable, "-m", "imgrec.cli", "ingest", folder, "--lake", lake, "--progress-json", "--quiet",
+            "--searchable-early", "--map", "--map-max", str(MAP_MAX)]
     if workers:
         argv += ["--workers", str(int(workers))]
     return argv + list(extra)

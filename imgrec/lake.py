@@ -286,10 +286,14 @@ class LakeWriter:
         if self.lake.store.create(snapshot_name(0), _encode(m)):
             self.base = m
             return m
-        self.base = self.lake.manifest()
-        if self.base is None or self.base.model.get("name") != model.get("name"):
+        theirs = self.lake.manifest()
+        if theirs is None or theirs.model.get("name") != model.get("name"):
             raise LakeError(f"another writer created {self.lake.url} with another model meanwhile")
-        return self.base
+        # this writer numbered its images from 0, as on an empty lake, and the other writer may have committed
+        # some already: the next commit builds on the empty lake, so it is moved on top of theirs like any lost race
+        # (its ids past theirs, the files they ingested left out)
+        self.base = replace(theirs, snapshot=-1, next_image_id=0)
+        return theirs
 
     def _write_part(self, table: str, df: pl.DataFrame, snapshot: int) -> str:
         self.seq += 1

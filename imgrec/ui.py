@@ -187,7 +187,7 @@ class LakeStatus:
         return self.engine.snapshot if self.engine is not None else -1
 
 
-def _indexed_snapshot(lake: Path) -> int | None:
+def indexed_snapshot(lake: Path) -> int | None:
     """The snapshot the lake's current search index covers (None if there is none)."""
     from imgrec.index import current_dir
     from imgrec.lake import Lake
@@ -213,7 +213,7 @@ def lake_status(lake: Path | None = None) -> LakeStatus:
     try:
         latest = engine.lake.snapshot()
         if latest != engine.snapshot:
-            if latest >= 0 and _indexed_snapshot(lake) != latest:
+            if latest >= 0 and indexed_snapshot(lake) != latest:
                 raise StaleIndex(latest)
             engine.refresh(auto_index=False)
     except StaleIndex:  # keep serving the snapshot at hand

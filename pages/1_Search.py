@@ -11,7 +11,7 @@ from typing import Any
 
 import streamlit as st
 
-from imgrec import ui
+from imgrec import ingest_panel, ui
 from imgrec.measures import MEASURES, distances_on
 
 log = logging.getLogger("imgrec.app")
@@ -436,9 +436,61 @@ def _show_result(status: ui.LakeStatus, state: dict[str, Any], shown_above: list
         status.engine.record_stage(resp.query_id, "render", (time.perf_counter() - t0) * 1000.0)
 
 
+# --- a lake that is empty, or still filling -----------------------------------------------------------------------
+
+
+def _first_run(status: ui.LakeStatus) -> None:
+    """An empty lake: the folder form itself (the search opens as soon as the first images are searchable)."""
+    if ingest_panel.job_running(status):
+        st.info("The first images are being added: the search opens here as soon as they are searchable (a few "
+                "seconds after the start).")
+    elif ui.is_admin():
+        where = "There is no lake at" if not status.exists else "The lake has no images yet:"
+        st.info(f"{where} `{status.path}`. Give a folder of photos on this machine (sub-folders included) and press "
+                "**Start**: the lake is made from it, in the background, and you can search as soon as the first "
+                "images are in. Or point the sidebar's *Lake folder* at an existing lake.")
+    else:
+        st.info(f"This collection (`{status.path.name}`) has no images yet: an admin can add a folder of photos "
+                "(sign in from the sidebar).")
+    if status.note:
+        st.info(status.note)
+    ingest_panel.panel(status, rerun_when_searchable=True)
+
+
+def _still_filling(status: ui.LakeStatus) -> None:
+    """While an ingestion into this lake runs: what the search covers so far."""
+    from imgrec import jobs
+
+    job = jobs.current(str(status.path))
+
+    @st.fragment(run_every=2.0)
+    def line() -> None:
+        state = job.state() if job is not None else None
+        if state is None or not state.running:
+            return
+        total = state.total or 0
+        if state.phase == "map":
+            st.caption(f":material/hourglass_top: The ingestion of `{state.folder}` is done; the map of the "
+                       "collection for the Explorer is being made.")
+            return
+        if 0 < status.size <= total:
+            text = f"Searching {status.size:,} of {total:,} images so far"
+        else:
+            text = f"Searching the {status.size:,} images indexed so far"
+        st.caption(f":material/hourglass_top: {text} · the ingestion of `{state.folder}` goes on ({state.done:,} of "
+                   f"{total:,} files done); each new search covers what is searchable by then.")
+
+    line()
+
+
 # --- the page ------------------------------------------------------------------------------------------------------
 
-status = ui.page_start("Search", ":material/image_search:")
+status = ui.page_start("Search", ":material/image_search:", need_images=False)
+if status.size == 0:
+    _first_run(status)
+    st.stop()
+if ingest_panel.job_running(status):
+    _still_filling(status)
 
 max_mb = max(1, status.engine.config.max_upload_bytes // 2**20)
 upload_tab, pick_tab, folder_tab, name_tab = st.tabs(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from imgrec import ui
+from imgrec import ingest_panel, ui
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,6 +125,33 @@ def _make_map(status: ui.LakeStatus) -> None:
     with st.spinner("Mapping every image (PCA + UMAP, 2D, embeddings)…"):
         project(status.path, "embedding", Params())
     st.cache_resource.clear()
+
+
+def _map_coming(status: ui.LakeStatus) -> bool:
+    """Where an ingestion started from the app runs on this lake, its end makes the map: say so, with its progress,
+    and show the map when it is there. False where no such run is going on."""
+    from imgrec import jobs
+
+    job = jobs.current(str(status.path))
+    if job is None or not job.running:
+        return False
+
+    @st.fragment(run_every=2.0)
+    def progress() -> None:
+        state = job.state()
+        if not state.running:
+            st.rerun()  # the whole page: the map (or why there is none)
+        if state.phase == "map":
+            st.info("The map is being made (UMAP 2D of the embeddings): it shows here when it is done.",
+                    icon=":material/hourglass_top:")
+            st.progress(1.0, text=f"{state.message} ({state.elapsed_s:.0f} s)")
+        else:
+            st.info("The map is made at the end of the ingestion running now: it shows here when it is done.",
+                    icon=":material/hourglass_top:")
+            ingest_panel.job_progress(state)
+
+    progress()
+    return True
 
 
 def _no_map(status: ui.LakeStatus) -> None:
@@ -468,7 +495,8 @@ def main(status: ui.LakeStatus) -> None:
         st.error(status.error)
         return
     if status.size == 0 or status.engine is None or status.engine.index is None:
-        ui.empty_lake_message(status)
+        if not _map_coming(status):
+            ui.empty_lake_message(status)
         return
     from imgrec.projection import table_path
 
@@ -480,7 +508,8 @@ def main(status: ui.LakeStatus) -> None:
         st.error(f"Cannot read the map of {lake}: {exc}. Make it again with `imgrec project --lake {lake} --refit`.")
         return
     if maps is None or not maps.meta:
-        _no_map(status)
+        if not _map_coming(status):
+            _no_map(status)
         return
     info = _image_info(lake, status.snapshot, status)
     keys = sorted(maps.keys, key=lambda k: (maps.meta[k]["features"] != "embedding", maps.meta[k]["dims"],

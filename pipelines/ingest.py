@@ -34,6 +34,7 @@ from imgrec.config import Config
 from imgrec.features.embed import ModelSpec, spec
 from imgrec.features.extract import HandFeatures
 from imgrec.features.runtime import ensure_onnx
+from imgrec.index import current_dir
 from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
 from pipelines.extraction import (
     Task,
@@ -47,6 +48,7 @@ from pipelines.workers import WorkerPool
 
 Progress = Callable[[int, int], None]
 CHUNK = 16  # files a worker process handles (and embeds) at a time
+EARLY_COMMIT = 48  # searchable_early: images of the first commit (and index), so a search finds some within seconds
 _META = ("width", "height", "format", "mode")
 
 
@@ -139,13 +141,16 @@ def ingest(
     progress: bool = True,
     on_progress: Progress | None = None,
     build_index: bool = True,
+    searchable_early: bool = False,
     stop: threading.Event | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> IngestReport:
     """Ingest (or update) every image below ``roots`` into ``config.lake``; returns what was done.
 
     Setting ``stop`` (or Ctrl-C / SIGTERM in the main thread) ends the run early: what is finished is committed,
-    and the next run resumes from there (``report.interrupted``).
+    and the next run resumes from there (``report.interrupted``). ``searchable_early`` (a lake with no search index
+    yet): the first ``EARLY_COMMIT`` images are committed and indexed at once, and the index is brought up to date
+    again each time the committed images have doubled, so a search (the app) finds images while the run goes on.
     """
     # absolute, but symlinks kept as the person wrote them, so result paths read as they know them; s3:// roots as
     # they are (without a trailing slash)
@@ -225,6 +230,8 @@ def ingest(
 
         # --- process ------------------------------------------------------------------------------------------
         state = _Runner(writer, manifest, config, model, batch, report, stages)
+        if searchable_early and build_index and current_dir(lake) is None:
+            _index_as_it_goes(state, config, stages, log)
         reusable = frozenset(deleted)
         bins = tuple(manifest.color_bins) if manifest else tuple(config.color_bins)
         thumb = manifest.thumb_size if manifest else config.thumb_size
@@ -342,6 +349,28 @@ def ingest(
     return report
 
 
+def _index_as_it_goes(state: _Runner, config: Config, stages: dict[str, float], log: Callable[[str], None]) -> None:
+    """The first commit after ``EARLY_COMMIT`` images, then the usual cadence; the search index built after the
+    first commit and again whenever the committed images have doubled (incremental: the whole run's index work
+    stays linear in its size)."""
+    from pipelines.index import build_indexes
+
+    state.commit_every = min(config.commit_every, EARLY_COMMIT)
+    indexed = [0]
+
+    def on_commit(committed: int) -> None:
+        state.commit_every = config.commit_every
+        if committed < 2 * indexed[0]:
+            return
+        t0 = time.perf_counter()
+        build_indexes(config)
+        stages["index"] += time.perf_counter() - t0
+        indexed[0] = committed
+        log(f"imgrec: {committed} images searchable so far")
+
+    state.on_commit = on_commit
+
+
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event, log: Callable[[str], None]) -> Iterator[None]:
     """Ctrl-C or SIGTERM sets ``stop``: the run finishes the image in hand, commits, and returns. A second Ctrl-C
@@ -451,6 +480,9 @@ class _Runner:
         self.backend = "torch"
         self.checksum: str | None = None  # of the weights, once known
         self._labels: tuple[str, ...] | None = None
+        self.commit_every = config.commit_every
+        self.images_committed = 0
+        self.on_commit: Callable[[int], None] | None = None  # after each commit: the images committed so far
 
     def choose_backend(self, log: Callable[[str], None]) -> str:
         """What embeds this run (``imgrec.features.runtime.resolve``); the weights must be the lake's."""
@@ -585,7 +617,7 @@ class _Runner:
                                   "probs": [float(p) for p in top_p]})
 
     def _maybe_commit(self) -> None:
-        if self.batch.images >= self.config.commit_every:
+        if self.batch.images >= self.commit_every:
             self.flush()
 
     def flush(self) -> None:
@@ -601,9 +633,12 @@ class _Runner:
         committed = self.writer.commit(frames, next_image_id=self.next_id)
         self.next_id = committed.next_image_id  # moved up if another writer took these ids meanwhile
         self.committed = True
+        self.images_committed += self.batch.images
         self.batch.rows.clear()
         self.batch.images = 0
         self.stages["write"] += time.perf_counter() - t0
+        if self.on_commit is not None:
+            self.on_commit(self.images_committed)
 
 
 def _ts(ns: int) -> datetime:

@@ -132,6 +132,24 @@ def test_a_viewer_sees_no_lake_box_and_no_ingest_form(lake: Path, monkeypatch: p
     assert any(b.label == "Start" for b in private.button)
 
 
+def test_an_empty_lake_in_shared_mode_offers_the_folder_form_to_the_admin_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first page of an empty lake: a viewer is told that an admin can add a folder, and gets no form; the admin
+    password unlocks the form on the same page."""
+    empty = tmp_path / "empty_lake"
+    at = _app("pages/1_Search.py", empty, monkeypatch, "shared").run()
+    assert not at.exception
+    assert any("has no images yet: an admin can add a folder" in i.value for i in at.info)
+    assert not any(b.label == "Start" for b in at.button)
+    assert "collection_folder" not in [t.key for t in at.text_input]
+    assert not at.file_uploader  # nothing to search yet
+    at.sidebar.text_input[0].input("s3cret").run()
+    assert not at.exception
+    assert any(b.label == "Start" for b in at.main.button) and at.text_input(key="collection_folder")
+    assert any("press **Start**" in i.value for i in at.info)
+    assert not empty.exists()  # looking does not create anything
+
+
 def test_a_forged_lake_choice_is_ignored_and_admin_actions_refused(lake: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from imgrec import ui

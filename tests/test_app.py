@@ -155,7 +155,10 @@ def test_the_app_opens_on_search_even_on_a_missing_lake(missing_lake: Path) -> N
     assert not at.exception
     assert at.title[0].value == "Search"  # the job people come for
     info = " ".join(i.value for i in at.info)
-    assert "There is no lake at" in info and f"imgrec ingest FOLDER --lake {missing_lake}" in info
+    assert "There is no lake at" in info and "press **Start**" in info
+    # the folder form itself, on the first page (the command-line route beside it)
+    assert at.text_input(key="collection_folder") and [b.label for b in at.main.button] == ["Start"]
+    assert any(f"imgrec ingest <folder> --lake {missing_lake}" in c.value for c in at.caption)
     assert at.sidebar.text_input(key="imgrec_lake").value == str(missing_lake)
     assert "No lake here yet." in [c.value for c in at.sidebar.caption]
     assert not missing_lake.exists()  # looking does not create anything
@@ -165,12 +168,13 @@ def test_search_page_on_a_missing_lake(missing_lake: Path) -> None:
     at = search_page()
     assert not at.exception
     assert at.title[0].value == "Search"
-    assert any(f"imgrec ingest FOLDER --lake {missing_lake}" in i.value for i in at.info)
+    assert any(f"There is no lake at `{missing_lake}`" in i.value for i in at.info)
+    assert at.text_input(key="collection_folder")  # the folder form
     assert not at.file_uploader and not at.multiselect  # nothing to search: no query widgets
     assert len(at.sidebar.text_input) == 1  # drawn once per page
     # the page file also runs on its own (streamlit run pages/1_Search.py)
     alone = AppTest.from_file(SEARCH, default_timeout=TIMEOUT).run()
-    assert not alone.exception and any("imgrec ingest" in i.value for i in alone.info)
+    assert not alone.exception and any("There is no lake at" in i.value for i in alone.info)
     assert alone.sidebar.text_input(key="imgrec_lake").value == str(missing_lake)
 
 

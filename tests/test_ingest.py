@@ -320,3 +320,44 @@ def test_stop_event_ends_a_run_cleanly(tmp_path: Path) -> None:
                     on_progress=lambda done, total: stop.set() if done == 3 else None)
     assert report.interrupted and report.processed == 3
     assert len(current(lake)) == 3
+
+
+def test_searchable_early_indexes_the_first_images_while_the_run_goes_on(tmp_path: Path) -> None:
+    """A new lake ingested with ``searchable_early`` (the app's runs): the first EARLY_COMMIT images are committed
+    and indexed at once, so a search finds them while the run goes on (searched here from inside the run, as the app
+    does beside it); the run is then stopped before its end (no final index build) and the index of the first
+    commit stays. Without it, nothing is searchable before the end. A resumed run completes the index."""
+    from imgrec.index import IndexSet, current_dir
+    from imgrec.search import Engine
+    from pipelines.ingest import EARLY_COMMIT
+
+    root = tmp_path / "photos"
+    make_collection(root, EARLY_COMMIT + 22)
+    lines: list[str] = []
+    for early, lake in ((False, tmp_path / "plain"), (True, tmp_path / "early")):
+        stop = threading.Event()
+        found: list[tuple[int, int]] = []
+
+        def progress(done: int, total: int, lake: Path = lake, early: bool = early, stop: threading.Event = stop,
+                     found: list[tuple[int, int]] = found) -> None:
+            if done == EARLY_COMMIT + 2:
+                assert (current_dir(Lake(lake)) is not None) == early
+                if early:  # the app's engine, opened while the run goes on
+                    engine = Engine(Config.load(lake), auto_index=False)
+                    first = int(engine.index.ids[7])
+                    found.append((engine.size, engine.search([first], "mix", k=3).results[0].image_id - first))
+            if done == EARLY_COMMIT + 12:
+                stop.set()
+
+        report = ingest([root], Config.load(lake, workers=1), progress=False, stop=stop, searchable_early=early,
+                        log=lines.append, on_progress=progress)
+        assert report.interrupted and len(current(lake)) == EARLY_COMMIT + 12
+        if not early:
+            assert current_dir(Lake(lake)) is None  # nothing searchable before the run's end
+            continue
+        assert found == [(EARLY_COMMIT, 0)]  # the first images, searchable, each finding itself first
+        assert IndexSet.open(Lake(lake)).size == EARLY_COMMIT
+        assert f"imgrec: {EARLY_COMMIT} images searchable so far" in lines
+        report = ingest([root], Config.load(lake, workers=1), progress=False, searchable_early=True,
+                        log=lambda s: None)  # resumed: an index exists, so the usual cadence; complete at the end
+        assert not report.interrupted and IndexSet.open(Lake(lake)).size == EARLY_COMMIT + 22

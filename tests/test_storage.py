@@ -52,6 +52,25 @@ def test_files(store, tmp_path: Path) -> None:
     assert {e.path for e in store.list("")} == {"a/c.bin"}
 
 
+def test_of_racing_creates_of_one_name_exactly_one_wins(store) -> None:
+    """The lake's commits rest on this: writers racing to create the same snapshot file, one of them creates it and
+    every other is told it lost, and the file holds the winner's bytes (on S3: a PUT with If-None-Match, atomic)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        for round_ in range(25):
+            name = f"race/{round_:03d}.json"
+            barrier = __import__("threading").Barrier(8)
+
+            def create(i: int, name: str = name, barrier=barrier) -> bool:
+                barrier.wait()
+                return store.create(name, f"writer {i}".encode())
+
+            won = list(pool.map(create, range(8)))
+            assert won.count(True) == 1, (round_, won)
+            assert store.read_bytes(name) == f"writer {won.index(True)}".encode()
+
+
 def test_pyarrow_reads_through_the_store(store, tmp_path: Path) -> None:
     tmp = tmp_path / "t.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), tmp)

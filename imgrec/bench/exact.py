@@ -1,9 +1,10 @@
 """Exact search by brute force (numpy) over the vectors the index stores, scored with the engine's distances: the
 baseline each search-stage figure is compared with (what the search would cost without an index).
 
-Its mix mirrors the engine's default weights and random-pair normalisation; the ground truth of recall is the
-engine's own exhaustive search (``imgrec.bench.search.Exhaustive``), so a change of the engine's scoring cannot
-skew recall, only this baseline's ranking (its timing does not depend on the constants)."""
+Its distances and its mix are the engine's (``imgrec.measures``: each measure's default distance, the mix's
+normalisation, weights and fusion); the ground truth of recall is the engine's own exhaustive search
+(``imgrec.bench.search.Exhaustive``), so a change of the engine's scoring cannot skew recall, only this baseline's
+ranking (its timing does not depend on the constants)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from numpy.typing import NDArray
 
 from imgrec import similarity as sim
 
-MEASURE_DISTANCE = {"embedding": "cosine", "color": "hellinger", "hash": "phash+dhash"}  # the engine's defaults
-
 
 class Exact:
     """Every image of an ``IndexSet`` scored against the query images, with the engine's default distances, mix
@@ -28,22 +27,22 @@ class Exact:
     index is not flattered.
     """
 
-    def __init__(self, idx: Any, weights: dict[str, float], tau: float, fusion: str = "weighted",
-                 near_bits: int = 16) -> None:
+    def __init__(self, idx: Any, config: Any) -> None:
+        from imgrec import measures
+
         t0 = time.perf_counter()
+        self.idx = idx
+        self.mix = measures.mix(idx, config)  # the engine's mix of the measures at their default distances
+        self.distances = {m: part.distance for m, part in measures.singles(idx, config).items()}
         self.ids = np.asarray(idx.ids, dtype=np.int64)
         self.rows_of: Callable[[Sequence[int]], NDArray[np.int64]] = idx.rows
         self.E = sim.l2_normalize(np.asarray(idx.embeddings, dtype=np.float32))
         self.R = np.sqrt(np.asarray(idx.color, dtype=np.float32))  # Hellinger = L2 between square roots / sqrt(2)
         self.r2 = np.einsum("ij,ij->i", self.R, self.R)
         self.H = np.ascontiguousarray(idx.hashes, dtype=np.uint64)
-        layout = getattr(idx, "layout", None)  # the colour measure's default where the index has it
+        layout = idx.layout if self.distances["color"] == "layout" else None
         self.L = None if layout is None else sim.l2_normalize(np.asarray(layout, dtype=np.float32))
-        self.distances = {**MEASURE_DISTANCE, **({"color": "layout"} if self.L is not None else {})}
-        self.fusion, self.near_bits = fusion, near_bits
-        self.baselines = idx.meta.get("baselines", {})
-        self.weights = {m: w for m, w in weights.items() if w > 0}
-        self.tau = tau
+        self.tau = config.softmin_tau
         self.load_ms = round((time.perf_counter() - t0) * 1000.0, 1)
 
     @property
@@ -67,12 +66,7 @@ class Exact:
     def scores(self, measure: str, rows: NDArray[np.int64]) -> NDArray[np.float32]:
         """(N,) the score of every image for the query images together (as Engine.search ranks them)."""
         if measure == "mix":
-            norm = {m: sim.normalize_to_baseline(self.similarities(m, rows),
-                                                 self.baselines.get(m, {}).get(self.distances[m], 0.0))
-                    for m in self.weights}
-            if "hash" in norm:  # the engine's near-duplicate level (Engine.mix)
-                norm["hash"] = sim.normalize_to_baseline(self.similarities("hash", rows), 1.0 - self.near_bits / 128)
-            per_image = sim.fuse_scores(norm, self.weights, self.fusion)
+            per_image, _ = self.mix.fuse(self.idx, {m: self.similarities(m, rows) for m in self.mix.parts})
         else:
             per_image = self.similarities(measure, rows)
         return sim.aggregate(per_image, "softmin", self.tau)

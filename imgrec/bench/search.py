@@ -159,8 +159,7 @@ def bench_search(lake: Path, *, measures: Sequence[str] = MEASURES, queries1: in
         mem["e2e"] = memory()
     if runs:
         log(f"  N={n:,}: the same queries by exact search")
-        exact = Exact(idx, engine.config.weights, engine.config.softmin_tau, engine.config.mix_fusion,
-                      engine.config.near_duplicate_bits)
+        exact = Exact(idx, engine.config)
         out["exact_load_ms"] = exact.load_ms
         truth = Exhaustive(lake, n)
         for m in measures:
