@@ -58,6 +58,8 @@ def main() -> int:
     from PIL import Image
     from playwright.sync_api import expect, sync_playwright
 
+    wait = args.timeout * 1000
+
     photos = Path(args.photos).resolve()
     total = sum(1 for p in photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +84,7 @@ def main() -> int:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(args.timeout * 1000)
                 page.goto(base + "/")
-                expect(page.get_by_placeholder("/path/to/photos")).to_be_visible()
+                expect(page.get_by_placeholder("/path/to/photos")).to_be_visible(timeout=wait)
                 marks["the first page, with the folder form"] = time.monotonic() - t0
                 box = page.get_by_placeholder("/path/to/photos")
                 box.fill(str(photos))
@@ -90,12 +92,12 @@ def main() -> int:
                 page.wait_for_timeout(500)
                 page.get_by_role("button", name="Start").click()
                 t_start = time.monotonic()
-                expect(page.get_by_test_id("stFileUploader").first).to_be_visible()
+                expect(page.get_by_test_id("stFileUploader").first).to_be_visible(timeout=wait)
                 marks["the first images searchable (the uploader shows)"] = time.monotonic() - t0
                 page.get_by_test_id("stFileUploader").first.locator("input[type=file]").set_input_files(str(query))
                 page.wait_for_timeout(300)
                 page.get_by_role("button", name="Search", exact=True).click()
-                expect(page.get_by_role("button", name="More like this").first).to_be_visible()
+                expect(page.get_by_role("button", name="More like this").first).to_be_visible(timeout=wait)
                 marks["the first result of an uploaded photo"] = time.monotonic() - t0
                 while _indexed(lake) < total and time.monotonic() - t0 < args.timeout:
                     time.sleep(0.2)
@@ -105,7 +107,7 @@ def main() -> int:
                     time.sleep(0.2)
                 marks["the Explorer's map written"] = time.monotonic() - t0
                 page.goto(base + "/Explorer")
-                expect(page.get_by_test_id("stVegaLiteChart").first).to_be_visible()
+                expect(page.get_by_test_id("stVegaLiteChart").first).to_be_visible(timeout=wait)
                 marks["the map on the Explorer page"] = time.monotonic() - t0
                 browser.close()
         finally:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from imgrec.features.embed import spec
+from imgrec.features.extract import content_hash, decode_side, extract
 from imgrec.lake import LakeError
 from imgrec.measures import QueryFeatures, features_on
 
@@ -176,8 +178,6 @@ class Featurizer:
                  timer: Timer) -> list[QueryFeatures]:
         """Features of each query image, every feature the index holds (the model's only with ``need_model``);
         ``known``: paths of files of the lake, unchanged since ingestion, by image id (their stored features)."""
-        from imgrec.features.embed import spec
-        from imgrec.features.extract import content_hash, decode_side, extract
         from imgrec.imaging import ImageError, read_file
 
         timer.ms.setdefault("decode", 0.0)  # every response reports every stage, 0 when nothing was decoded
