@@ -514,13 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from imgrec.features.embed import ModelUnavailable
     from imgrec.imaging import ImageError
     from imgrec.lake import LakeError
     from imgrec.storage import StorageError
 
     try:
         return int(args.func(args) or 0)
-    except (LakeError, ImageError, StorageError, NotADirectoryError, FileNotFoundError, PermissionError) as exc:
+    except (LakeError, ImageError, StorageError, ModelUnavailable, NotADirectoryError, FileNotFoundError,
+            PermissionError) as exc:
         print(f"imgrec: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # QueryError and other input errors

@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from imgrec.config import Config
-from imgrec.features.embed import ModelSpec, spec
+from imgrec.features.embed import ModelSpec, ensure_weights, spec
 from imgrec.features.extract import HandFeatures
 from imgrec.features.runtime import ensure_onnx
 from imgrec.index import current_dir
@@ -159,6 +159,7 @@ def ingest(
         if isinstance(r, Path) and not r.is_dir():
             raise NotADirectoryError(f"{r} is not a folder")
     model = spec(config.model)
+    ensure_weights(model)  # a model that cannot be had: one line, before the lake is touched
     lake = Lake(config.lake)
     report = IngestReport(lake=str(lake.root))
     from pipelines.backfill import backfill_layout

@@ -19,6 +19,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # a test cluster takes 127.0.0.1 as its address (else ray.init turns 127.0.0.1 into this machine's outward address);
 # read when ray is imported, and inherited by the CLI processes the tests start
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# no test downloads weights (nothing in a test talks to an outside address): a model not on the machine is an error
+os.environ.setdefault("IMGREC_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (192, 144)) -> Image.Image:

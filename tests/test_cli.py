@@ -75,6 +75,24 @@ def test_errors_are_messages_not_tracebacks(tmp_path: Path, cli_lake: tuple[Path
         assert proc.stderr.startswith("imgrec: error:") and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_model_that_cannot_be_had_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """An unknown model name, and a registry model whose weights are not on this machine (torch's cache empty, no
+    download: $IMGREC_OFFLINE): one line naming the model, where it looked and how to provide it; exit 2; no lake."""
+    photos = tmp_path / "photos"
+    make_collection(photos, 2)
+    lake = tmp_path / "lake"
+    unknown = imgrec("ingest", str(photos), "--lake", str(lake), "--model", "nonsense", check=False)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "unknown model 'nonsense'; choose one of efficientnet-lite0" in unknown.stderr
+    cache = tmp_path / "torch"
+    missing = imgrec("ingest", str(photos), "--lake", str(lake), "--model", "resnet50", check=False,
+                     env={"TORCH_HOME": str(cache), "IMGREC_OFFLINE": "1"})
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("imgrec: error: the resnet50 weights are not on this machine")
+    assert str(cache / "hub" / "checkpoints") in missing.stderr and "copy resnet50-" in missing.stderr
+    assert not lake.exists()
+
+
 def test_backend_option_reaches_the_config() -> None:
     from imgrec.cli import _config, build_parser
 
