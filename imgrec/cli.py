@@ -308,6 +308,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """The embedding models imgrec offers, whether each is usable here, and what the lake's embeddings were made with."""
+    from imgrec.features.runtime import models_here
+    from imgrec.lake import Lake
+
+    rows = models_here()
+    lake = Lake(_config(args).lake)
+    manifest = lake.manifest() if lake.exists else None
+    used = dict(manifest.model) if manifest is not None else None
+    if args.json:
+        print(json.dumps({"models": rows, "lake": str(lake.root), "lake_model": used}, indent=1))
+        return 0
+    for r in rows:
+        state = f"available ({r['weights']})" if r["available"] else f"not here: {r['missing']}"
+        print(f"{r['name']:20s} {r['dim']:5d}-d  {state}")
+    if used is not None:
+        print(f"\nthe lake {lake.root} is embedded with {used.get('name')} (weights checksum {used.get('checksum')})")
+    else:
+        print(f"\nno lake at {lake.root} yet: imgrec ingest FOLDER --model NAME makes one")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from imgrec.lake import Lake
 
@@ -504,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-key", help="the key every API request must carry (default: $IMGREC_API_KEY)")
     sp.add_argument("--max-request-mb", type=float, default=64.0, help="largest API request body (default 64 MB)")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("models", help="the embedding models offered, whether each is usable here (nothing is "
+                                       "downloaded), and the lake's")
+    lake_arg(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_models)
 
     sp = sub.add_parser("stats", help="counts per collection and the skipped files with their reasons")
     lake_arg(sp)

@@ -93,6 +93,29 @@ def test_a_model_that_cannot_be_had_is_one_line_and_writes_nothing(tmp_path: Pat
     assert not lake.exists()
 
 
+def test_models_lists_what_is_usable_here_and_the_lakes(tmp_path: Path, cli_lake: tuple[Path, Path]) -> None:
+    """`imgrec models`: every model of the registry, whether its weights are on this machine (nothing downloaded),
+    where they are or how to provide them; and the model the lake's embeddings were made with."""
+    from imgrec.lake import Lake
+
+    _, lake = cli_lake
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    out = json.loads(imgrec("models", "--lake", str(lake), "--json", env=env).stdout)
+    rows = {r["name"]: r for r in out["models"]}
+    assert {"efficientnet-lite0", "efficientnet-lite2", "resnet50", "convnext_tiny", "vit_b_16"} <= set(rows)
+    assert rows["efficientnet-lite0"]["available"] and Path(rows["efficientnet-lite0"]["weights"]).is_file()
+    assert not rows["resnet50"]["available"] and str(tmp_path / "torch" / "hub" / "checkpoints") in \
+        rows["resnet50"]["missing"]
+    assert not (tmp_path / "torch").exists() or not any((tmp_path / "torch").rglob("*.pth"))  # nothing fetched
+    recorded = Lake(lake).manifest().model
+    assert out["lake_model"]["name"] == "efficientnet-lite0" == recorded["name"]
+    assert out["lake_model"]["checksum"] == recorded["checksum"]
+    none = json.loads(imgrec("models", "--lake", str(tmp_path / "no_lake"), "--json", env=env).stdout)
+    assert none["lake_model"] is None and not (tmp_path / "no_lake").exists()
+    text = imgrec("models", "--lake", str(lake), env=env).stdout
+    assert "efficientnet-lite0" in text and "embedded with efficientnet-lite0" in text
+
+
 def test_backend_option_reaches_the_config() -> None:
     from imgrec.cli import _config, build_parser
 

