@@ -270,9 +270,12 @@ def ingest(
                 results = cleanup.enter_context(contextlib.closing(
                     dist.results(tasks, init_args[:-1], config, cluster, pools, backend, log)))
             elif workers > 1:
+                # workers that read object storage are spawned, not forked: s3fs runs its requests on an event-loop
+                # thread of this process, and a child forked while that thread held a lock waited on it for ever
+                start = "spawn" if any(t.path.startswith("s3://") for t in tasks) else "fork"
                 pool = cleanup.enter_context(WorkerPool(
                     workers, _work_chunk, _crashed, initializer=_init_worker, initargs=init_args,
-                    item_timeout_s=config.file_timeout_s))
+                    item_timeout_s=config.file_timeout_s, start_method=start))
                 chunk = max(1, min(config.batch_size, CHUNK))
                 results = itertools.chain.from_iterable(pool.map(
                     tasks[i : i + chunk] for i in range(0, len(tasks), chunk)))
