@@ -445,10 +445,11 @@ def _first_run(status: ui.LakeStatus) -> None:
         st.info("The first images are being added: the search opens here as soon as they are searchable (a few "
                 "seconds after the start).")
     elif ui.is_admin():
-        where = "There is no lake at" if not status.exists else "The lake has no images yet:"
+        where, made = ("There is no lake at", "the lake is made from it") if not status.exists else \
+            ("The lake has no images yet:", "its images are added")
         st.info(f"{where} `{status.path}`. Give a folder of photos on this machine (sub-folders included) and press "
-                "**Start**: the lake is made from it, in the background, and you can search as soon as the first "
-                "images are in. Or point the sidebar's *Lake folder* at an existing lake.")
+                f"**Start**: {made}, in the background, and you can search as soon as the first images are in. Or "
+                "point the sidebar's *Lake folder* at an existing lake.")
     else:
         st.info(f"This collection (`{status.path.name}`) has no images yet: an admin can add a folder of photos "
                 "(sign in from the sidebar).")
